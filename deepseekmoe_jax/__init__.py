@@ -1,0 +1,29 @@
+"""deepseekmoe_jax: DeepSeekMoE in JAX / Flax NNX."""
+
+from deepseekmoe_jax.config import ConfigError, DeepseekConfig, ModelOptions
+from deepseekmoe_jax.model import (
+    CausalLMOutput,
+    DeepseekForCausalLM,
+    DeepseekModel,
+    ModelOutput,
+    layer_plan,
+    locate_layer,
+    param_count,
+)
+from deepseekmoe_jax.moe import MoEMetrics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CausalLMOutput",
+    "ConfigError",
+    "DeepseekConfig",
+    "DeepseekForCausalLM",
+    "DeepseekModel",
+    "MoEMetrics",
+    "ModelOptions",
+    "ModelOutput",
+    "layer_plan",
+    "locate_layer",
+    "param_count",
+]

@@ -1,0 +1,507 @@
+"""Model configuration.
+
+`DeepseekConfig` mirrors the Hugging Face ``config.json`` of ``model_type: "deepseek"`` field for field, with the
+same names and class defaults, so that a checkpoint's own config file is the source of truth. Everything that is
+particular to this JAX implementation (dtypes, MoE dispatch settings, attention kernel, rematerialisation) lives in
+a separate `ModelOptions` object attached as ``config.options``; it is never written into ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or inconsistent. The message names the field."""
+
+
+# Keys that HF writes into config.json as bookkeeping. They do not change the computation; they are kept verbatim
+# so that `to_hf()` reproduces the file.
+_HF_METADATA_KEYS = (
+    "architectures",
+    "auto_map",
+    "model_type",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "_name_or_path",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "use_return_dict",
+)
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe_outputs")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """Project-only knobs. None of these exist in the HF config; all have defaults that reproduce the reference.
+
+    Attributes:
+      param_dtype: storage dtype of the parameters ("float32" for training master weights, "bfloat16" for
+        inference of large checkpoints).
+      dtype: compute dtype of matmuls and activations. RMSNorm statistics, the gate softmax, attention softmax and
+        the final logits are always float32 whatever this says.
+      moe_group_size: tokens per dispatch group. Each sequence is cut into chunks of this many tokens; capacity is
+        allotted per chunk. Smaller groups make the dispatch einsum cheaper, larger groups smooth out load.
+      capacity_factor_train: expert capacity in training, as a multiple of the even share
+        ``group * k / n_routed_experts``. ``None`` means no-drop (exact) mode.
+      capacity_factor_eval: the same for evaluation and inference. ``None`` (default) is the exact no-drop mode,
+        which is what the PyTorch reference computes.
+      min_capacity: lower bound on the per-group slot count per expert.
+      device_balance_alpha: weight of the paper's device-level balance loss (alpha2); 0 disables it.
+      device_balance_groups: number of device groups D the routed experts are split into for that loss.
+      attention_impl: "xla", "cudnn" (flash attention, GPU with bf16/fp16 only) or "auto" (cuDNN where it applies).
+      remat_policy: rematerialisation of each scanned decoder layer in training: one of `REMAT_POLICIES`.
+      scan_layers: run stacks of identical layers with `jax.lax.scan` (compile time independent of depth).
+      init_std: standard deviation of the normal initialiser for fresh weights (the paper uses 0.006; the HF
+        field ``initializer_range`` is kept for round-tripping but this option decides).
+      logical_axis_rules: optional overrides of the logical-to-mesh axis rules, as ``((logical, mesh), ...)``.
+    """
+
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    moe_group_size: int = 512
+    capacity_factor_train: float | None = 1.25
+    capacity_factor_eval: float | None = None
+    min_capacity: int = 4
+    device_balance_alpha: float = 0.0
+    device_balance_groups: int = 1
+    attention_impl: str = "auto"
+    remat_policy: str = "none"
+    scan_layers: bool = True
+    init_std: float = 0.006
+    logical_axis_rules: tuple[tuple[str, Any], ...] | None = None
+
+    def __post_init__(self):
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ConfigError(f"options.{name}={getattr(self, name)!r}: expected one of {_DTYPES}")
+        if not isinstance(self.moe_group_size, int) or self.moe_group_size < 1:
+            raise ConfigError(f"options.moe_group_size={self.moe_group_size!r}: expected a positive integer")
+        for name in ("capacity_factor_train", "capacity_factor_eval"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int | float) or v <= 0):
+                raise ConfigError(f"options.{name}={v!r}: expected a positive number or null (no-drop mode)")
+        if self.min_capacity < 1:
+            raise ConfigError(f"options.min_capacity={self.min_capacity!r}: expected >= 1")
+        if self.device_balance_alpha < 0:
+            raise ConfigError(f"options.device_balance_alpha={self.device_balance_alpha!r}: expected >= 0")
+        if self.device_balance_groups < 1:
+            raise ConfigError(f"options.device_balance_groups={self.device_balance_groups!r}: expected >= 1")
+        if self.attention_impl not in _ATTENTION_IMPLS:
+            raise ConfigError(f"options.attention_impl={self.attention_impl!r}: expected one of {_ATTENTION_IMPLS}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"options.remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}")
+        if self.logical_axis_rules is not None:
+            rules = tuple((str(k), _freeze_axis(v)) for k, v in _rule_items(self.logical_axis_rules))
+            object.__setattr__(self, "logical_axis_rules", rules)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> ModelOptions:
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown} in 'options'; known options are {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.logical_axis_rules is not None:
+            d["logical_axis_rules"] = [[k, list(v) if isinstance(v, tuple) else v] for k, v in self.logical_axis_rules]
+        return d
+
+
+def _rule_items(rules):
+    if isinstance(rules, Mapping):
+        return list(rules.items())
+    return [tuple(r) for r in rules]
+
+
+def _freeze_axis(v):
+    if isinstance(v, list | tuple):
+        return tuple(v)
+    return v
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class DeepseekConfig:
+    """The HF ``config.json`` of a DeepSeekMoE (v1, ``model_type: "deepseek"``) model.
+
+    Field names and defaults are those of the reference ``DeepseekConfig`` class. ``n_routed_experts=None`` gives a
+    dense (Llama-like) model. Use `DeepseekConfig.from_hf` to read a checkpoint's ``config.json`` (unknown fields are
+    refused) and `to_hf` to write one back. Project-only settings live in ``options`` (a `ModelOptions`).
+    """
+
+    vocab_size: int = 102400
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    moe_intermediate_size: int = 1407
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    n_shared_experts: int | None = None
+    n_routed_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    moe_layer_freq: int = 1
+    first_k_dense_replace: int = 0
+    norm_topk_prob: bool = False
+    scoring_func: str = "softmax"
+    aux_loss_alpha: float = 0.001
+    seq_aux: bool = True
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 100000
+    eos_token_id: int | list[int] | None = 100001
+    pretraining_tp: int = 1
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: Mapping[str, Any] | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    # HF bookkeeping keys found in the source config.json (architectures, auto_map, torch_dtype, ...), kept verbatim.
+    hf_metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+    # Project-only settings; never part of config.json.
+    options: ModelOptions = dataclasses.field(default_factory=ModelOptions)
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if isinstance(self.options, Mapping):
+            object.__setattr__(self, "options", ModelOptions.from_dict(self.options))
+        self._validate()
+
+    def __hash__(self):
+        return hash(
+            json.dumps(
+                {"hf": self.to_hf(metadata=False), "options": self.options.to_dict()}, sort_keys=True, default=str
+            )
+        )
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self):
+        def need(cond, field, msg):
+            if not cond:
+                raise ConfigError(f"config field '{field}'={getattr(self, field)!r}: {msg}")
+
+        for f in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "moe_layer_freq",
+        ):
+            need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f, "expected a positive integer")
+        need(
+            self.hidden_size % self.num_attention_heads == 0,
+            "num_attention_heads",
+            f"must divide hidden_size={self.hidden_size}",
+        )
+        need(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_key_value_heads",
+            f"must divide num_attention_heads={self.num_attention_heads}",
+        )
+        need(
+            (self.hidden_size // self.num_attention_heads) % 2 == 0,
+            "hidden_size",
+            "head_dim = hidden_size / num_attention_heads must be even for rotary embeddings",
+        )
+        need(self.scoring_func == "softmax", "scoring_func", "only 'softmax' is defined for DeepSeekMoE v1")
+        need(self.hidden_act == "silu", "hidden_act", "only 'silu' (SwiGLU) is supported")
+        need(self.attention_dropout == 0.0, "attention_dropout", "attention dropout is not supported; use 0.0")
+        need(
+            isinstance(self.first_k_dense_replace, int) and self.first_k_dense_replace >= 0,
+            "first_k_dense_replace",
+            "expected an integer >= 0",
+        )
+        need(self.rms_norm_eps > 0, "rms_norm_eps", "expected > 0")
+        need(self.rope_theta > 0, "rope_theta", "expected > 0")
+        need(self.aux_loss_alpha >= 0, "aux_loss_alpha", "expected >= 0")
+        need(
+            isinstance(self.pretraining_tp, int) and self.pretraining_tp >= 1,
+            "pretraining_tp",
+            "expected an integer >= 1 (it only changes how the reference slices matmuls)",
+        )
+        moe_fields = (self.n_routed_experts, self.num_experts_per_tok)
+        if any(v is not None for v in moe_fields):
+            need(
+                isinstance(self.n_routed_experts, int) and self.n_routed_experts > 0,
+                "n_routed_experts",
+                "expected a positive integer (or null for a dense model, together with num_experts_per_tok)",
+            )
+            need(
+                isinstance(self.num_experts_per_tok, int) and self.num_experts_per_tok > 0,
+                "num_experts_per_tok",
+                "expected a positive integer when n_routed_experts is set",
+            )
+            need(
+                self.num_experts_per_tok <= self.n_routed_experts,
+                "num_experts_per_tok",
+                f"cannot exceed n_routed_experts={self.n_routed_experts}",
+            )
+            need(
+                isinstance(self.moe_intermediate_size, int) and self.moe_intermediate_size > 0,
+                "moe_intermediate_size",
+                "expected a positive integer",
+            )
+            need(
+                self.n_shared_experts is None
+                or (isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0),
+                "n_shared_experts",
+                "expected null or an integer >= 0",
+            )
+            g = self.options.device_balance_groups
+            if self.n_routed_experts % g:
+                raise ConfigError(
+                    f"options.device_balance_groups={g} must divide n_routed_experts={self.n_routed_experts}"
+                )
+        self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self):
+        rs = self.rope_scaling
+        if rs is None:
+            return
+        if not isinstance(rs, Mapping):
+            raise ConfigError(
+                f'config field \'rope_scaling\'={rs!r}: expected null or {{"type": "linear"|"dynamic", "factor": f}}'
+            )
+        kind = rs.get("type", rs.get("rope_type"))
+        if kind not in ("linear", "dynamic"):
+            raise ConfigError(
+                f"config field 'rope_scaling.type'={kind!r}: DeepSeekMoE v1 defines only 'linear' and 'dynamic'"
+            )
+        factor = rs.get("factor")
+        if not isinstance(factor, int | float) or isinstance(factor, bool) or factor < 1.0:
+            raise ConfigError(f"config field 'rope_scaling.factor'={factor!r}: expected a number >= 1")
+        extra = sorted(set(rs) - {"type", "rope_type", "factor"})
+        if extra:
+            raise ConfigError(
+                f"config field 'rope_scaling' has unknown key(s) {extra}; only 'type' and 'factor' "
+                "are defined for DeepSeekMoE v1"
+            )
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts is not None
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        return self.moe_intermediate_size * (self.n_shared_experts or 0)
+
+    @property
+    def rope_type(self) -> str | None:
+        if self.rope_scaling is None:
+            return None
+        return self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+
+    @property
+    def rope_factor(self) -> float:
+        return float(self.rope_scaling["factor"]) if self.rope_scaling else 1.0
+
+    def is_moe_layer(self, i: int) -> bool:
+        """The reference rule: layer ``i`` (absolute index) is MoE iff experts exist, ``i >= first_k_dense_replace``
+        and ``i % moe_layer_freq == 0``."""
+        return self.n_routed_experts is not None and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+
+    def capacity_factor(self, training: bool) -> float | None:
+        return self.options.capacity_factor_train if training else self.options.capacity_factor_eval
+
+    def replace(self, **changes) -> DeepseekConfig:
+        """A copy with HF fields and/or ``options`` replaced. ``options`` may be a dict of option overrides."""
+        if "options" in changes and isinstance(changes["options"], Mapping):
+            changes["options"] = dataclasses.replace(self.options, **changes["options"])
+        return dataclasses.replace(self, **changes)
+
+    def with_options(self, **options) -> DeepseekConfig:
+        return dataclasses.replace(self, options=dataclasses.replace(self.options, **options))
+
+    # ------------------------------------------------------------------ HF I/O
+    @classmethod
+    def hf_field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("hf_metadata", "options"))
+
+    @classmethod
+    def from_hf(
+        cls, source: str | os.PathLike | Mapping[str, Any], options: ModelOptions | Mapping | None = None
+    ) -> DeepseekConfig:
+        """Read a HF config: a ``config.json`` path, a checkpoint directory holding one, or the parsed dict.
+
+        Every key must be a `DeepseekConfig` field or a known HF bookkeeping key; anything else raises
+        `ConfigError` naming the key, because silently ignoring it could build a different model.
+        """
+        where = "config"
+        if not isinstance(source, Mapping):
+            path = os.fspath(source)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            where = path
+            try:
+                with open(path, encoding="utf-8") as f:
+                    source = json.load(f)
+            except FileNotFoundError:
+                raise ConfigError(f"{path}: no such file; a HF checkpoint directory must contain config.json") from None
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        d = dict(source)
+        model_type = d.get("model_type", "deepseek")
+        if model_type != "deepseek":
+            raise ConfigError(
+                f"{where}: model_type={model_type!r}; this project reads DeepSeekMoE v1 "
+                "checkpoints (model_type 'deepseek')"
+            )
+        fields = set(cls.hf_field_names())
+        metadata = {k: d.pop(k) for k in list(d) if k in _HF_METADATA_KEYS}
+        unknown = sorted(k for k in d if k not in fields)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown config field(s) {unknown}. They are not part of DeepSeekMoE v1 "
+                "and this project will not guess what they mean; remove them if they have no "
+                "effect on the model."
+            )
+        if isinstance(options, Mapping) or options is None:
+            options = ModelOptions.from_dict(options)
+        try:
+            return cls(**d, hf_metadata=metadata, options=options)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        except TypeError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def to_hf(self, metadata: bool = True) -> dict[str, Any]:
+        """The ``config.json`` dict (HF field names; bookkeeping keys from the source file preserved)."""
+        out: dict[str, Any] = {}
+        if metadata:
+            out.update(self.hf_metadata)
+            out.setdefault("architectures", ["DeepseekForCausalLM"])
+            out["model_type"] = "deepseek"
+        for name in self.hf_field_names():
+            v = getattr(self, name)
+            if isinstance(v, tuple):
+                v = list(v)
+            elif isinstance(v, Mapping):
+                v = dict(v)
+            out[name] = v
+        return out
+
+    def save_hf(self, path: str | os.PathLike) -> None:
+        """Write ``config.json`` (``path`` is the file or its directory)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_hf(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    # ------------------------------------------------------------------ project config files
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> DeepseekConfig:
+        """Load a project config (``configs/*.yaml`` with ``model:`` and ``options:`` sections) or a HF config.json.
+
+        ``overrides`` maps dotted keys (``model.hidden_size``, ``options.dtype``) to values.
+        """
+        raw = read_config_file(path)
+        if overrides:
+            raw = apply_overrides(raw, overrides)
+        return cls.from_project_dict(raw, where=os.fspath(path))
+
+    @classmethod
+    def from_project_dict(cls, raw: Mapping[str, Any], where: str = "config") -> DeepseekConfig:
+        if "model" not in raw:
+            raise ConfigError(f"{where}: no 'model' section (the HF config.json fields)")
+        try:
+            options = ModelOptions.from_dict(raw.get("options"))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        except TypeError as e:
+            raise ConfigError(f"{where}: options: {e}") from None
+        return cls.from_hf(dict(raw["model"]), options=options) if raw["model"] is not None else cls(options=options)
+
+    def to_project_dict(self) -> dict[str, Any]:
+        return {"model": self.to_hf(), "options": self.options.to_dict()}
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a ``.yaml``/``.yml``/``.json`` config. A bare HF config.json becomes ``{"model": {...}}``."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    try:
+        raw = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot parse ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    if path.endswith(".json") and "model" not in raw:
+        raw = {"model": raw}
+    return raw
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would (``1e-3``, ``true``, ``null``, ``[1, 2]``)."""
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(v, str):
+        try:
+            return float(v)  # PyYAML reads "1e-3" (no dot) as a string
+        except ValueError:
+            return v
+    return v
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a deep copy of ``raw`` with dotted-key ``overrides`` applied (``{"options.dtype": "bfloat16"}``)."""
+    out = json.loads(json.dumps(raw))
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"override {key!r}: '{p}' is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return out
+
+
+def capacity(group_size: int, k: int, n_experts: int, capacity_factor: float | None, min_capacity: int) -> int:
+    """Slots per expert per group: ``ceil(group * k * cf / E)``, at least ``min_capacity``, at most ``group``.
+
+    ``capacity_factor=None`` is the no-drop mode: every expert gets ``group`` slots, so nothing can be dropped
+    (a token picks an expert at most once).
+    """
+    if capacity_factor is None:
+        return group_size
+    c = math.ceil(group_size * k * capacity_factor / n_experts)
+    return max(1, min(group_size, max(c, min_capacity)))

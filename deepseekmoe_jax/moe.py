@@ -1,0 +1,231 @@
+"""The DeepSeekMoE block: softmax top-k gate, capacity-bucketed einsum dispatch, fused shared experts.
+
+Shapes (one letter per dimension in the einsum strings):
+  b batch, t sequence, h hidden, e routed experts, k choices per token, g token groups, s tokens per group,
+  c capacity slots per expert and group, i expert width.
+
+Dispatch: each sequence is cut into groups of ``s`` consecutive tokens. Within a group, expert ``e`` has ``c``
+slots, given out in token order: the token at position ``s`` takes slot ``#(earlier tokens of the group routed to
+e)`` if that is below ``c``, otherwise its assignment is dropped (contributes zero). Because a token picks an expert
+at most once, "priority by position, then by choice rank" reduces to priority by position, and whether a token
+keeps its slot depends only on tokens at or before it: dropping is causal. With ``c = s`` (no-drop mode) nothing
+is ever dropped and the block is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseekmoe_jax.config import DeepseekConfig, capacity
+from deepseekmoe_jax.layers import MLP, make_param
+from deepseekmoe_jax.sharding import constrain
+
+Array = jax.Array
+
+
+class Routing(NamedTuple):
+    """Gate output for tokens [..., h]: softmax ``scores`` [..., e] (float32), the greedy top-k ``weights``
+    [..., k] (float32, renormalised when ``norm_topk_prob``) and expert ``indices`` [..., k] (int32)."""
+
+    scores: Array
+    weights: Array
+    indices: Array
+
+
+class MoEMetrics(NamedTuple):
+    """Per-MoE-layer statistics: ``dropped_fraction`` (scalar, share of (token, choice) assignments of real tokens
+    that found no slot) and ``expert_load`` [e] (share of assignments routed to each expert before dropping)."""
+
+    dropped_fraction: Array
+    expert_load: Array
+
+
+def route(logits: Array, k: int, norm_topk_prob: bool) -> Routing:
+    """Softmax over experts in float32, greedy top-k, optional renormalisation (``w / (sum w + 1e-20)``)."""
+    scores = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, indices = jax.lax.top_k(scores, k)
+    if k > 1 and norm_topk_prob:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return Routing(scores, weights, indices.astype(jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------- balance losses
+def expert_balance_loss(scores: Array, indices: Array, alpha: float, seq_aux: bool) -> Array:
+    """The reference's expert-level balance loss for one MoE layer.
+
+    scores [b, t, e] (float32 softmax), indices [b, t, k] (greedy top-k, before any dropping).
+    ``seq_aux``: ``alpha * mean_b sum_e ce[b, e] * mean_t scores[b, t, e]`` with ``ce[b, e]`` the number of
+    choices of sequence b that picked e, over ``t * k / e``. Otherwise ``alpha * sum_e P_e * f_e`` over the whole
+    batch with ``f_e = E * share of choices`` and ``P_e = mean score``. Gradients flow only through ``scores``.
+    """
+    b, t, n = scores.shape
+    k = indices.shape[-1]
+    counts = jax.nn.one_hot(indices, n, dtype=jnp.float32).sum(axis=2)  # [b, t, e]
+    if seq_aux:
+        ce = counts.sum(axis=1) / (t * k / n)  # [b, e]
+        return alpha * jnp.mean(jnp.sum(ce * scores.mean(axis=1), axis=-1))
+    f = n * counts.sum(axis=(0, 1)) / (b * t * k)  # [e]
+    p = scores.mean(axis=(0, 1))  # [e]
+    return alpha * jnp.sum(p * f)
+
+
+def device_balance_loss(scores: Array, indices: Array, alpha: float, groups: int) -> Array:
+    """The paper's device-level balance loss: experts split into ``groups`` contiguous device groups;
+    ``alpha * sum_d mean_{e in d}(f_e) * sum_{e in d}(P_e)`` with f and P as in the batch-level expert loss."""
+    b, t, n = scores.shape
+    k = indices.shape[-1]
+    counts = jax.nn.one_hot(indices, n, dtype=jnp.float32).sum(axis=(0, 1, 2))  # [e]
+    f = n * counts / (b * t * k)
+    p = scores.mean(axis=(0, 1))
+    f_d = f.reshape(groups, n // groups).mean(axis=-1)
+    p_d = p.reshape(groups, n // groups).sum(axis=-1)
+    return alpha * jnp.sum(f_d * p_d)
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+def group_size_for(seq_len: int, moe_group_size: int) -> int:
+    """Tokens per group: ``moe_group_size``, or the whole sequence when it is shorter."""
+    return min(moe_group_size, seq_len)
+
+
+def dispatch_tensors(
+    indices: Array, weights: Array, valid: Array, n_experts: int, cap: int, dtype=jnp.float32
+) -> tuple[Array, Array, Array, Array]:
+    """Build the one-hot dispatch and gate-weighted combine tensors for grouped tokens.
+
+    Args:
+      indices: [g, s, k] chosen experts; weights: [g, s, k] their gate weights; valid: [g, s] bool, tokens that
+        may take slots (padding never does).
+      n_experts: e; cap: c, slots per expert and group; dtype: dtype of the combine tensor.
+    Returns:
+      dispatch [g, s, e, c] (bool), combine [g, s, e, c] (``dtype``: the gate weight where dispatch is set),
+      assigned [g, s, e] (bool, before dropping), kept [g, s, e] (bool).
+    """
+    choice = jax.nn.one_hot(indices, n_experts, dtype=jnp.int32)  # [g, s, k, e]
+    assigned = (choice.sum(axis=2) > 0) & valid[..., None]  # [g, s, e]; an expert appears at most once per token
+    gate = jnp.einsum("gske,gsk->gse", choice.astype(weights.dtype), weights)  # [g, s, e]
+    # Slot of each assignment: number of earlier tokens in the group routed to the same expert.
+    slot = jnp.cumsum(assigned.astype(jnp.int32), axis=1) - 1  # [g, s, e]
+    kept = assigned & (slot < cap)
+    dispatch = jax.nn.one_hot(jnp.where(kept, slot, -1), cap, dtype=jnp.bool_)  # [g, s, e, c]; -1 -> all zero
+    combine = dispatch.astype(dtype) * gate.astype(dtype)[..., None]
+    return dispatch, combine, assigned, kept
+
+
+class MoEGate(nnx.Module):
+    """Router: logits ``x @ W`` in float32 ([h, e] kernel; HF ``mlp.gate.weight`` is its transpose [e, h])."""
+
+    def __init__(self, config: DeepseekConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
+        self.config = config
+        self.kernel = make_param(
+            rngs,
+            (config.hidden_size, config.n_routed_experts),
+            ("embed", "router"),
+            jnp.dtype(config.options.param_dtype),
+            std=config.options.init_std,
+            stack=stack,
+        )
+
+    def __call__(self, x: Array) -> Routing:
+        # float32 routing: a bf16 logit can flip a near-tie top-k choice, and the softmax feeds the balance loss.
+        logits = jnp.einsum("...h,he->...e", x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+        return route(logits, self.config.num_experts_per_tok, self.config.norm_topk_prob)
+
+
+class RoutedExperts(nnx.Module):
+    """``n_routed_experts`` SwiGLU experts as stacked kernels: ``w_gate``/``w_up`` [e, h, i], ``w_down`` [e, i, h]."""
+
+    def __init__(self, config: DeepseekConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
+        e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        pd, std = jnp.dtype(config.options.param_dtype), config.options.init_std
+        self.w_gate = make_param(rngs, (e, h, i), ("expert", "embed", "expert_mlp"), pd, std=std, stack=stack)
+        self.w_up = make_param(rngs, (e, h, i), ("expert", "embed", "expert_mlp"), pd, std=std, stack=stack)
+        self.w_down = make_param(rngs, (e, i, h), ("expert", "expert_mlp", "embed"), pd, std=std, stack=stack)
+
+    def __call__(self, x_e: Array) -> Array:
+        """Dispatched tokens [e, g, c, h] -> expert outputs [e, g, c, h]."""
+        dt = x_e.dtype
+        gate = jnp.einsum("egch,ehi->egci", x_e, self.w_gate[...].astype(dt))
+        up = jnp.einsum("egch,ehi->egci", x_e, self.w_up[...].astype(dt))
+        act = jax.nn.silu(gate) * up
+        act = constrain(act, ("act_expert", "act_expert_group", "act_capacity", "act_expert_mlp"))
+        return jnp.einsum("egci,eih->egch", act, self.w_down[...].astype(dt))
+
+
+class MoEOutput(NamedTuple):
+    out: Array  # [b, t, h]
+    aux_loss: Array  # scalar float32 (0 outside training)
+    metrics: MoEMetrics
+
+
+class MoEBlock(nnx.Module):
+    """Routed experts (capacity-bucketed einsum dispatch) plus the fused shared experts.
+
+    ``y = sum_j w_j * Expert_{idx_j}(x) + Shared(x)``. The shared experts are one SwiGLU MLP of width
+    ``moe_intermediate_size * n_shared_experts`` (absent when that is 0 or None).
+    """
+
+    def __init__(self, config: DeepseekConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
+        self.config = config
+        self.gate = MoEGate(config, rngs=rngs, stack=stack)
+        self.experts = RoutedExperts(config, rngs=rngs, stack=stack)
+        if config.shared_intermediate_size > 0:
+            self.shared_experts = MLP(config, config.shared_intermediate_size, rngs=rngs, stack=stack)
+        else:
+            self.shared_experts = None
+
+    def __call__(self, x: Array, token_mask: Array | None = None, *, training: bool = False) -> MoEOutput:
+        """x [b, t, h]; token_mask [b, t] (nonzero = real token; padding takes no expert slots)."""
+        c = self.config
+        b, t, h = x.shape
+        e, k = c.n_routed_experts, c.num_experts_per_tok
+        routing = self.gate(x)  # [b, t, e], [b, t, k], [b, t, k]
+
+        aux = jnp.zeros((), jnp.float32)
+        if training and c.aux_loss_alpha > 0:
+            aux = aux + expert_balance_loss(routing.scores, routing.indices, c.aux_loss_alpha, c.seq_aux)
+        if training and c.options.device_balance_alpha > 0:
+            aux = aux + device_balance_loss(
+                routing.scores, routing.indices, c.options.device_balance_alpha, c.options.device_balance_groups
+            )
+
+        s = group_size_for(t, c.options.moe_group_size)
+        t_pad = math.ceil(t / s) * s
+        valid = jnp.ones((b, t), bool) if token_mask is None else token_mask.astype(bool)
+        indices, weights, xg = routing.indices, routing.weights, x
+        if t_pad != t:
+            pad = ((0, 0), (0, t_pad - t))
+            valid = jnp.pad(valid, pad)
+            indices = jnp.pad(indices, (*pad, (0, 0)))
+            weights = jnp.pad(weights, (*pad, (0, 0)))
+            xg = jnp.pad(x, (*pad, (0, 0)))
+        g = b * t_pad // s
+        cap = capacity(s, k, e, c.capacity_factor(training), c.options.min_capacity)
+        xg = constrain(xg.reshape(g, s, h), ("act_group", None, "act_embed"))  # [g, s, h]
+        dispatch, combine, assigned, kept = dispatch_tensors(
+            indices.reshape(g, s, k), weights.reshape(g, s, k), valid.reshape(g, s), e, cap, x.dtype
+        )
+
+        dt = x.dtype
+        x_e = jnp.einsum("gsec,gsh->egch", dispatch.astype(dt), xg)  # [e, g, c, h]
+        x_e = constrain(x_e, ("act_expert", "act_expert_group", "act_capacity", "act_embed"))
+        y_e = self.experts(x_e)  # [e, g, c, h]
+        y_e = constrain(y_e, ("act_expert", "act_expert_group", "act_capacity", "act_embed"))
+        y = jnp.einsum("gsec,egch->gsh", combine, y_e)  # [g, s, h]
+        y = constrain(y, ("act_group", None, "act_embed"))
+        y = y.reshape(b, t_pad, h)[:, :t]  # [b, t, h]
+
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+
+        n_assigned = jnp.sum(assigned, dtype=jnp.float32)
+        metrics = MoEMetrics(
+            dropped_fraction=1.0 - jnp.sum(kept, dtype=jnp.float32) / jnp.maximum(n_assigned, 1.0),
+            expert_load=jnp.sum(assigned, axis=(0, 1), dtype=jnp.float32) / jnp.maximum(n_assigned, 1.0),
+        )
+        return MoEOutput(y, aux, metrics)
