@@ -146,3 +146,111 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if ctx is None or ctx.mesh.size == 1:
         return x
     return jax.lax.with_sharding_constraint(x, ctx.sharding(axes))
+
+
+# ----------------------------------------------------------------------------------------------- meshes
+def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *, devices=None) -> Mesh:
+    """A device mesh with axes ``(data, fsdp, expert, tensor)``; one size may be -1 (= the remaining devices).
+
+    Built with `jax.make_mesh` (topology-aware device order) over ``devices`` (default: all devices of all
+    processes), with `AxisType.Auto` axes so XLA's sharding propagation places the collectives.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+    for name, v in sizes.items():
+        if not isinstance(v, int) or (v < 1 and v != -1):
+            raise ShardingError(f"mesh axis {name}={v!r}: expected a positive integer or -1")
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ShardingError(f"only one mesh axis may be -1, got {free}")
+    fixed = 1
+    for v in sizes.values():
+        fixed *= v if v != -1 else 1
+    if free:
+        if len(devices) % fixed:
+            raise ShardingError(
+                f"cannot fill mesh axis {free[0]!r}: {len(devices)} devices are not divisible by "
+                f"the product {fixed} of the other axes {sizes}"
+            )
+        sizes[free[0]] = len(devices) // fixed
+    total = 1
+    for v in sizes.values():
+        total *= v
+    if total != len(devices):
+        raise ShardingError(
+            f"mesh {sizes} needs {total} devices but {len(devices)} are available; the product of "
+            "the axis sizes must equal the device count (use -1 for one axis to take the rest)"
+        )
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+
+
+def check_mesh_fits(config, mesh: Mesh) -> None:
+    """Raise `ShardingError` if ``config`` cannot be sharded over ``mesh`` (experts over ``expert``, heads over
+    ``tensor``)."""
+    shape = dict(mesh.shape)
+    e, t = shape.get("expert", 1), shape.get("tensor", 1)
+    if config.is_moe and config.n_routed_experts % e:
+        raise ShardingError(
+            f"n_routed_experts={config.n_routed_experts} is not divisible by the mesh's expert axis "
+            f"({e}); choose an expert axis size that divides it"
+        )
+    if config.num_key_value_heads % t or config.num_attention_heads % t:
+        raise ShardingError(
+            f"attention heads ({config.num_attention_heads} query, {config.num_key_value_heads} "
+            f"key/value) are not divisible by the mesh's tensor axis ({t})"
+        )
+
+
+def rules_for(config) -> dict[str, Any]:
+    """The rules table for a config: defaults plus ``options.logical_axis_rules`` overrides."""
+    return rules_dict(overrides=config.options.logical_axis_rules)
+
+
+def param_specs(state, rules: Mapping[str, Any], mesh: Mesh):
+    """PartitionSpecs for every variable of an (abstract) NNX state, from its ``logical_axes`` metadata."""
+    from flax import nnx
+
+    def spec(v):
+        axes = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
+        if axes is None:
+            return PartitionSpec()
+        return logical_to_spec(axes, rules, mesh.axis_names, dict(mesh.shape))
+
+    return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def param_shardings(state, rules: Mapping[str, Any], mesh: Mesh):
+    """`NamedSharding` for every variable of an (abstract) NNX state."""
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s),
+        param_specs(state, rules, mesh),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def create_sharded_model(config, mesh: Mesh, *, seed: int = 0, rules: Mapping[str, Any] | None = None):
+    """Build a `DeepseekForCausalLM` whose parameters are born sharded over ``mesh`` (no full copy anywhere).
+
+    The initialiser runs under `jax.jit` with ``out_shardings`` from the logical-axis rules, so each device only
+    ever materialises its own shard.
+    """
+    from flax import nnx
+
+    from deepseekmoe_jax.model import DeepseekForCausalLM
+
+    check_mesh_fits(config, mesh)
+    rules = rules if rules is not None else rules_for(config)
+    abstract = nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = param_shardings(abstract_state, rules, mesh)
+
+    @jax.jit
+    def init():
+        model = DeepseekForCausalLM(config, rngs=nnx.Rngs(seed))
+        return nnx.state(model)
+
+    with use_mesh(mesh, rules):
+        state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)

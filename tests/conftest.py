@@ -1,0 +1,47 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) and shared tiny configs."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+from deepseekmoe_jax import DeepseekConfig  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# A small MoE config: 1 dense layer then 3 MoE layers, 8 experts top-2, one shared expert.
+SMALL = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    max_position_embeddings=64,
+)
+
+
+def small_config(**changes) -> DeepseekConfig:
+    """The shared small test config with HF fields (and ``options=`` dict) replaced."""
+    options = changes.pop("options", None)
+    fields = {**SMALL, **changes}
+    return DeepseekConfig(**fields, options=options or {})
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> pathlib.Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> DeepseekConfig:
+    return DeepseekConfig.from_file(ROOT / "configs" / "tiny.yaml")
