@@ -1,0 +1,30 @@
+"""Training: settings, data (token files and ``prepare``), optimizer and schedule, the jitted step, the loop with
+checkpointing and metrics, and the model-FLOPs count. ``train.py`` at the repository root is the command line."""
+
+from deepseekmoe_jax.train.data import DataError, TokenDataset, prepare
+from deepseekmoe_jax.train.loop import EXIT_TERMINATED, NonFiniteLoss, TrainError, TrainResult, train
+from deepseekmoe_jax.train.settings import (
+    DataSettings,
+    MeshSettings,
+    RunConfig,
+    TrainSettings,
+    load_run_config,
+    run_config_from_dict,
+)
+
+__all__ = [
+    "EXIT_TERMINATED",
+    "DataError",
+    "DataSettings",
+    "MeshSettings",
+    "NonFiniteLoss",
+    "RunConfig",
+    "TokenDataset",
+    "TrainError",
+    "TrainResult",
+    "TrainSettings",
+    "load_run_config",
+    "prepare",
+    "run_config_from_dict",
+    "train",
+]

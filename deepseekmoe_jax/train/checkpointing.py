@@ -1,0 +1,93 @@
+"""Training checkpoints with Orbax's `CheckpointManager`.
+
+Layout of a run directory::
+
+    RUN/
+      config.json, deepseekmoe_jax.json      the model config (`write_config_files`)
+      checkpoints/<step>/
+        params/          the parameters as a pure dict (loadable alone by `deepseekmoe_jax.checkpoint.load_checkpoint`)
+        opt_state/       the optax state
+        train_state/     JSON: step, data position, RNG key data, tokens seen
+
+Saves are asynchronous (device arrays are copied to host memory, then written by a background thread while
+training continues); only the newest ``keep`` checkpoints are kept. A step directory appears under its final
+name only once complete, so a run killed mid-save resumes from the previous one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from deepseekmoe_jax.train.step import TrainState
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class RunCheckpointer:
+    """Save and restore `TrainState` plus host-side state (data position) in ``run_dir/checkpoints``."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = os.path.join(os.path.abspath(os.fspath(run_dir)), CHECKPOINT_DIR)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(self, state: TrainState, host_state: dict[str, Any]) -> bool:
+        """Start saving ``state`` at its step (returns at once when asynchronous). False if that step exists."""
+        ocp = self._ocp
+        step = int(state.step)
+        if step in self.manager.all_steps():
+            return False
+        train_state = {
+            "step": step,
+            "rng": [int(x) for x in np.asarray(jax.device_get(state.rng)).reshape(-1)],
+            **host_state,
+        }
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            train_state=ocp.args.JsonSave(train_state),
+        )
+        return bool(self.manager.save(step, args=args, force=True))
+
+    def restore(self, step: int, abstract: TrainState) -> tuple[TrainState, dict[str, Any]]:
+        """Restore step ``step`` onto the shardings of ``abstract`` (a `TrainState` of `jax.ShapeDtypeStruct`)."""
+        ocp = self._ocp
+        args = ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract.params),
+            opt_state=ocp.args.StandardRestore(abstract.opt_state),
+            train_state=ocp.args.JsonRestore(),
+        )
+        out = self.manager.restore(step, args=args)
+        meta = dict(out.train_state)
+        rng = np.asarray(meta["rng"], np.uint32)
+        state = TrainState(
+            step=jax.device_put(np.int32(meta["step"]), abstract.step.sharding),
+            params=out.params,
+            opt_state=out.opt_state,
+            rng=jax.device_put(rng, abstract.rng.sharding),
+            bad_step=jax.device_put(np.int32(-1), abstract.bad_step.sharding),
+        )
+        return state, meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

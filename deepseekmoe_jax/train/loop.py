@@ -1,0 +1,488 @@
+"""The training loop: set up mesh, data, model and optimizer; run, evaluate, log and checkpoint; resume.
+
+`train` is what ``python train.py`` calls. It resumes from the newest checkpoint in ``train.run_dir`` when there
+is one (exactly: parameters, optimizer state, step, data position and RNG come back, and the same compiled step
+runs on the same batches), handles SIGTERM/SIGINT by saving before it returns, and stops on a non-finite loss
+naming the step while keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from deepseekmoe_jax import sharding as sh
+from deepseekmoe_jax.checkpoint import CONFIG_FILE, read_config, write_config_files
+from deepseekmoe_jax.config import ConfigError
+from deepseekmoe_jax.model import DeepseekForCausalLM, moe_layer_indices, param_count
+from deepseekmoe_jax.train import flops as flops_lib
+from deepseekmoe_jax.train.checkpointing import RunCheckpointer
+from deepseekmoe_jax.train.data import BatchSource, DataError, TokenDataset, global_batch, prepare, stdlib_sources
+from deepseekmoe_jax.train.metrics import MetricsLogger
+from deepseekmoe_jax.train.optim import decay_mask, make_optimizer, make_schedule
+from deepseekmoe_jax.train.settings import MeshSettings, RunConfig
+from deepseekmoe_jax.train.step import ModelBuilder, TrainState, make_eval_step, make_train_step
+from deepseekmoe_jax.train.tokenizer import ByteTokenizer
+
+RUN_CONFIG_FILE = "run_config.yaml"
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on request
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or continue; the message says why and what to do."""
+
+
+class NonFiniteLoss(TrainError):
+    """The loss or gradient norm became NaN/inf at ``step``; ``checkpoint`` is the last good one (or None)."""
+
+    def __init__(self, message: str, step: int, checkpoint: str | None):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a call to `train` did: ``status`` is "completed", "terminated" (signal) or "already_complete"."""
+
+    status: str
+    run_dir: str
+    step: int
+    checkpoint: str | None
+    last_metrics: dict[str, Any]
+    eval_metrics: dict[str, Any] | None
+
+
+# ----------------------------------------------------------------------------------------------- mesh & batch
+def build_mesh(settings: MeshSettings):
+    """The device mesh of the ``mesh:`` section (`deepseekmoe_jax.sharding`'s constructor)."""
+    if hasattr(sh, "mesh_from_config"):
+        return sh.mesh_from_config(settings.as_dict())
+    return sh.make_mesh(**settings.as_dict())
+
+
+def batch_sharding(mesh, rules, leading: int = 1) -> NamedSharding:
+    """Token batches [..., B, T+1]: the batch dimension over the ``act_batch`` mesh axes, ``leading`` unsharded
+    dimensions (micro-batches) in front."""
+    spec = sh.logical_to_spec((None,) * leading + ("act_batch", None), rules, mesh.axis_names, dict(mesh.shape))
+    return NamedSharding(mesh, spec)
+
+
+def batch_shards(sharding: NamedSharding, dim: int) -> int:
+    """Number of pieces dimension ``dim`` is cut into by ``sharding``."""
+    entry = sharding.spec[dim] if dim < len(sharding.spec) else None
+    if entry is None:
+        return 1
+    names = (entry,) if isinstance(entry, str) else entry
+    return int(np.prod([sharding.mesh.shape[n] for n in names]))
+
+
+# ----------------------------------------------------------------------------------------------- setup helpers
+def resolve_dataset(run: RunConfig, log: Callable[[str], None]) -> TokenDataset:
+    """Open ``data.path``, or prepare the built-in corpus into ``<run_dir>/data`` on first use."""
+    d = run.data
+    if d.path is not None and d.corpus is not None:
+        raise ConfigError("data.path and data.corpus are both set; choose one")
+    if d.path is not None:
+        return TokenDataset(d.path)
+    if d.corpus is None:
+        raise ConfigError(
+            "no training data: set data.path to a directory made by `python train.py prepare ...` "
+            "(or data.corpus=python-stdlib for the built-in demo corpus)"
+        )
+    target = os.path.join(run.train.run_dir, "data")
+    if not os.path.isfile(os.path.join(target, "dataset.json")):
+        files = stdlib_sources()
+        if jax.process_index() == 0:
+            log(
+                f"preparing the built-in corpus: {len(files)} Python standard library files from "
+                f"{os.path.dirname(files[0])} -> {target} (byte-level tokenizer)"
+            )
+            prepare(files, target, ByteTokenizer(), val_fraction=d.val_fraction, progress=False)
+        _sync("dataset prepared")
+    return TokenDataset(target)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def prepare_run_dir(run: RunConfig, dataset: TokenDataset, resuming: bool) -> None:
+    """Write the model config, the full run config and the tokenizer into the run directory.
+
+    An existing run directory with a different model (HF fields) is refused: resuming it would load
+    parameters of another shape, and overwriting it would lose it.
+    """
+    run_dir = run.train.run_dir
+    cfg_path = os.path.join(run_dir, CONFIG_FILE)
+    if os.path.isfile(cfg_path):
+        old = read_config(run_dir).to_hf(metadata=False)
+        new = run.model.to_hf(metadata=False)
+        diff = sorted(k for k in new if old.get(k) != new[k])
+        if diff and resuming:
+            details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
+            raise TrainError(
+                f"{run_dir} holds checkpoints of a different model ({details}); use another train.run_dir "
+                "or restore the original model settings to resume"
+            )
+    if jax.process_index() != 0:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    extra = {
+        "param_dtype": run.model.options.param_dtype,
+        "tokenizer": dataset.tokenizer,
+        "dataset": dataset.directory,
+    }
+    write_config_files(run_dir, run.model, extra)
+    raw = dict(run.raw)
+    raw["model"] = run.model.to_hf()
+    raw["options"] = run.model.options.to_dict()
+    raw["train"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(run.train).items()}
+    raw["data"] = dataclasses.asdict(run.data)
+    raw["mesh"] = run.mesh.as_dict()
+    tmp = os.path.join(run_dir, RUN_CONFIG_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(raw, f, sort_keys=False)
+    os.replace(tmp, os.path.join(run_dir, RUN_CONFIG_FILE))
+    src = os.path.join(dataset.directory, "tokenizer.json")
+    if dataset.tokenizer.get("type") == "huggingface" and os.path.isfile(src):
+        shutil.copyfile(src, os.path.join(run_dir, "tokenizer.json"))
+
+
+def check_settings(run: RunConfig, mesh, micro_sharding: NamedSharding) -> None:
+    """Sequence length vs the position limit, batch vs mesh; each failure a `TrainError` saying what to change."""
+    s, c = run.train, run.model
+    if s.seq_len > c.max_position_embeddings:
+        raise TrainError(
+            f"train.seq_len={s.seq_len} exceeds the model's max_position_embeddings="
+            f"{c.max_position_embeddings}; lower train.seq_len"
+        )
+    shards = batch_shards(micro_sharding, 1)
+    if s.micro_batch_size % shards:
+        raise TrainError(
+            f"the micro-batch of {s.micro_batch_size} sequences (train.batch_size={s.batch_size} / "
+            f"train.grad_accum={s.grad_accum}) cannot be split over the {shards} batch shards of the mesh "
+            f"{dict(mesh.shape)}; make it a multiple of {shards}"
+        )
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Turn SIGTERM and a first SIGINT into a stop request (``event.is_set()``); a second SIGINT aborts."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and event.is_set():
+            raise KeyboardInterrupt
+        event.signum = signum
+        event.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield event
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def _fmt_record(r: dict[str, Any]) -> str:
+    parts = [f"step {r['step']:>6}", f"loss {r['loss']:.4f}", f"lm {r['lm_loss']:.4f}", f"aux {r['aux_loss']:.4f}"]
+    parts += [f"gnorm {r['grad_norm']:.3f}", f"lr {r['learning_rate']:.2e}", f"{r['tokens_per_second']:,.0f} tok/s"]
+    if r.get("mfu") is not None:
+        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    if "dropped_fraction" in r:
+        parts.append(f"dropped {100 * float(np.mean(r['dropped_fraction'])):.1f}%")
+        parts.append(f"imbalance {float(np.max(r['load_imbalance'])):.2f}")
+    return " | ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- train
+def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+    """Run (or resume) the training described by ``run``; see the module docstring.
+
+    Raises `TrainError` (bad settings, `NonFiniteLoss`), `ConfigError`, `DataError`, `ShardingError` or
+    `CheckpointError` with a message naming what to fix. Returns a `TrainResult`.
+    """
+    s, config = run.train, run.model
+    run_dir = os.path.abspath(s.run_dir)
+    run = dataclasses.replace(run, train=dataclasses.replace(s, run_dir=run_dir))
+    s = run.train
+    is_main = jax.process_index() == 0
+    say = log if is_main else (lambda _msg: None)
+
+    if s.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(s.compilation_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+    # ---- mesh
+    mesh = build_mesh(run.mesh)
+    sh.check_mesh_fits(config, mesh)
+    rules = sh.rules_for(config)
+    micro_sh = batch_sharding(mesh, rules, leading=1)  # [A, B, T+1]
+    check_settings(run, mesh, micro_sh)
+
+    # ---- data
+    dataset = resolve_dataset(run, say)
+    for w in dataset.check_model(config.vocab_size, config.eos_token_id):
+        say(f"warning: {w}")
+    train_split = dataset.split("train")
+    train_src = BatchSource(train_split, s.seq_len, s.seed, shuffle=True)
+    if train_src.num_windows < s.batch_size:
+        raise DataError(
+            f"{train_split.path}: {train_split.num_tokens:,} tokens give only {train_src.num_windows} sequences "
+            f"of {s.seq_len} tokens, fewer than one batch of train.batch_size={s.batch_size}; add data or lower "
+            "train.batch_size / train.seq_len"
+        )
+    eval_src = None
+    if s.eval_every >= 0:
+        val = dataset.splits.get("val")
+        if val is not None and val.num_windows(s.seq_len) > 0:
+            eval_src = BatchSource(val, s.seq_len, s.seed, shuffle=False)
+        else:
+            say(
+                f"warning: no held-out sequences of {s.seq_len + 1} tokens in {dataset.directory} "
+                "(val split empty or too short); evaluation is off"
+            )
+    say(
+        f"data: {dataset.directory}: train {train_split.num_tokens:,} tokens ({train_split.documents} documents, "
+        f"{train_src.num_windows:,} sequences of {s.seq_len})"
+        + (f", held-out {eval_src.split.num_tokens:,} tokens" if eval_src else "")
+    )
+
+    # ---- model, optimizer, state shardings
+    checkpointer = RunCheckpointer(run_dir, keep=s.keep_checkpoints, async_save=s.async_checkpointing)
+    latest = checkpointer.latest_step()
+    prepare_run_dir(run, dataset, resuming=latest is not None)
+
+    abstract_model = nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params_state, rest = nnx.split(abstract_model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise TrainError("the model holds non-parameter state, which this training loop does not carry")
+    build = ModelBuilder(graphdef, abstract_params_state)
+    param_sh = nnx.to_pure_dict(sh.param_shardings(abstract_params_state, rules, mesh))
+    abstract_params = _abstract(nnx.to_pure_dict(abstract_params_state), param_sh)
+    schedule = make_schedule(s)
+    optimizer = make_optimizer(s, decay_mask(abstract_params_state))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    with sh.use_mesh(mesh, rules):
+        init_opt = jax.jit(optimizer.init).lower(abstract_params).compile()
+        opt_sh = init_opt.output_shardings
+        abstract_opt = jax.tree.map(
+            lambda x, sd: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sd),
+            jax.eval_shape(optimizer.init, abstract_params),
+            opt_sh,
+        )
+        state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated, bad_step=replicated)
+        abstract_state = TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+            params=abstract_params,
+            opt_state=abstract_opt,
+            rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
+            bad_step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        )
+
+        host: dict[str, Any]
+        if latest is not None:
+            say(f"resuming from {checkpointer.step_dir(latest)}")
+            state, host = checkpointer.restore(latest, abstract_state)
+            position = int(host["data_position"])
+        else:
+            params = _initial_params(run, mesh, rules, say)
+            rng = jax.random.key_data(jax.random.key(s.seed))
+            state = TrainState(
+                step=jax.device_put(np.int32(0), replicated),
+                params=params,
+                opt_state=init_opt(params),
+                rng=jax.device_put(np.asarray(rng), replicated),
+                bad_step=jax.device_put(np.int32(-1), replicated),
+            )
+            position = 0
+            host = {"data_position": 0, "tokens_seen": 0}
+        start_step = int(state.step)
+
+        n_params = param_count(abstract_params)
+        fpt = flops_lib.training_flops_per_token(config, s.seq_len)
+        active = flops_lib.activated_params(config)["total"]
+        device_kind = jax.devices()[0].device_kind
+        peak, peak_source = flops_lib.peak_flops(device_kind, config.options.dtype, s.peak_flops)
+        say(
+            f"model: {config.num_hidden_layers} layers ({len(moe_layer_indices(config))} MoE), hidden "
+            f"{config.hidden_size}, {n_params:,} parameters, {active:,} activated matmul parameters per token, "
+            f"{fpt / 1e6:,.1f} MFLOP per training token"
+        )
+        say(f"mesh: {dict(mesh.shape)} over {mesh.size} {device_kind} device(s), {jax.process_count()} process(es)")
+        if peak is None:
+            say(f"MFU: not reported ({peak_source})")
+        tokens_per_step = s.batch_size * s.seq_len
+        say(
+            f"run: {run_dir} | steps {s.steps} | batch {s.batch_size} x {s.seq_len} tokens"
+            f"{f' in {s.grad_accum} micro-batches' if s.grad_accum > 1 else ''} | lr {s.learning_rate:g} "
+            f"({s.schedule}, warmup {s.warmup_steps})"
+        )
+
+        if start_step >= s.steps:
+            say(f"run already complete: step {start_step} >= train.steps={s.steps}")
+            checkpointer.close()
+            return TrainResult("already_complete", run_dir, start_step, checkpointer.step_dir(latest), {}, None)
+
+        shape = (s.grad_accum, s.micro_batch_size)
+        step_fn = jax.jit(
+            make_train_step(build, optimizer, schedule, s.loss_chunk_size),
+            in_shardings=(state_sh, micro_sh),
+            out_shardings=(state_sh, replicated),
+            donate_argnums=0,
+        )
+        batch_abstract = jax.ShapeDtypeStruct((*shape, s.seq_len + 1), jnp.int32, sharding=micro_sh)
+        t0 = time.perf_counter()
+        say("compiling the training step ...")
+        compiled_step = step_fn.lower(abstract_state, batch_abstract).compile()
+        say(f"compiled in {time.perf_counter() - t0:.1f} s")
+        eval_fn = None
+        if eval_src is not None:
+            eval_fn = jax.jit(
+                make_eval_step(build, s.loss_chunk_size),
+                in_shardings=(param_sh, micro_sh),
+                out_shardings=replicated,
+            )
+
+        logger = MetricsLogger(
+            run_dir,
+            total_steps=s.steps,
+            start_step=start_step,
+            tensorboard=s.tensorboard,
+            enabled=is_main,
+            progress=progress,
+        )
+        for note in logger.notes:
+            say(note)
+
+        def evaluate(params, step) -> dict[str, Any]:
+            n_batches = min(s.eval_batches, math.ceil(eval_src.num_windows / s.micro_batch_size))
+            nll = count = 0.0
+            for i in range(n_batches):
+                tokens = global_batch(eval_src, i * s.micro_batch_size, (1, s.micro_batch_size), micro_sh)
+                a, b = eval_fn(params, tokens)
+                nll, count = nll + float(a), count + float(b)
+            loss = nll / count
+            rec = {"step": step, "eval_loss": loss, "eval_perplexity": float(math.exp(min(loss, 700.0)))}
+            logger.write(rec)
+            logger.message(f"eval   step {step:>6} | loss {loss:.4f} | perplexity {rec['eval_perplexity']:.2f}")
+            return rec
+
+        def check_finite(step_now: int) -> None:
+            bad = int(state.bad_step)
+            if bad >= 0:
+                last = checkpointer.latest_step()
+                where = checkpointer.step_dir(last) if last is not None else None
+                raise NonFiniteLoss(
+                    f"the loss or gradient norm became NaN/inf at step {bad} (detected by step {step_now}); "
+                    "training stopped without saving. "
+                    + (f"The last good checkpoint is {where}. " if where else "No checkpoint was written yet. ")
+                    + "Lower train.learning_rate, check the data, or use float32 compute (options.dtype).",
+                    bad,
+                    where,
+                )
+
+        def save(step_now: int) -> None:
+            check_finite(step_now)
+            host_state = {
+                "data_position": position,
+                "tokens_seen": position * s.seq_len,
+                "seed": s.seed,
+                "seq_len": s.seq_len,
+            }
+            checkpointer.save(state, host_state)
+
+        last_record: dict[str, Any] = {}
+        eval_record = None
+        status = "completed"
+        step = start_step
+        try:
+            with _stop_on_signals() as stop:
+                t_mark, step_mark = time.perf_counter(), step
+                while step < s.steps:
+                    if stop.is_set():
+                        status = "terminated"
+                        name = signal.Signals(getattr(stop, "signum", signal.SIGTERM)).name
+                        logger.message(f"{name} received: saving a checkpoint at step {step} before exiting")
+                        break
+                    batch = global_batch(train_src, position, shape, micro_sh)
+                    state, metrics = compiled_step(state, batch)
+                    position += s.batch_size
+                    step += 1
+                    logger.advance(1)
+                    if step % s.log_every == 0 or step == s.steps:
+                        m = jax.device_get(metrics)
+                        check_finite(step)
+                        now = time.perf_counter()
+                        tps = (step - step_mark) * tokens_per_step / max(now - t_mark, 1e-9)
+                        t_mark, step_mark = now, step
+                        rec = {"step": step}
+                        for k, v in m.items():
+                            rec[k] = np.asarray(v).tolist() if np.ndim(v) else float(v)
+                        rec["tokens_per_second"] = tps
+                        rec["mfu"] = flops_lib.mfu(fpt, tps, mesh.size, peak)
+                        rec["tokens_seen"] = position * s.seq_len
+                        logger.write(rec)
+                        logger.message(_fmt_record(rec))
+                        logger.advance(0, loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                        last_record = rec
+                    if eval_fn is not None and s.eval_every > 0 and step % s.eval_every == 0 and step < s.steps:
+                        check_finite(step)
+                        eval_record = evaluate(state.params, step)
+                        t_mark, step_mark = time.perf_counter(), step
+                    if step % s.checkpoint_every == 0 or step == s.steps:
+                        save(step)
+            if status == "terminated" or step == s.steps:
+                save(step)
+            if status == "completed" and eval_fn is not None:
+                eval_record = evaluate(state.params, step)
+        finally:
+            logger.close()
+            checkpointer.close()
+    final = checkpointer.latest_step()
+    return TrainResult(
+        status, run_dir, step, checkpointer.step_dir(final) if final is not None else None, last_record, eval_record
+    )
+
+
+def _initial_params(run: RunConfig, mesh, rules, say) -> dict:
+    """Fresh parameters born sharded (seed ``train.seed``), or those of ``train.init_from`` for fine-tuning."""
+    config, s = run.model, run.train
+    if s.init_from is not None:
+        from deepseekmoe_jax.checkpoint import load_checkpoint
+
+        say(f"initialising from {s.init_from}")
+        model = load_checkpoint(s.init_from, mesh=mesh, dtype=config.options.param_dtype)
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    model = sh.create_sharded_model(config, mesh, seed=s.seed, rules=rules)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))

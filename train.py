@@ -1,0 +1,200 @@
+"""Train a DeepSeekMoE model, or prepare token files for training.
+
+    python train.py                                        # built-in demo: configs/tiny.yaml on Python's stdlib
+    python train.py --config configs/X.yaml [--set train.steps=1000 ...]
+    python train.py prepare --input FILES_OR_DIRS --output DIR --tokenizer bytes|tokenizer.json
+
+All logic lives in `deepseekmoe_jax.train`; this file parses arguments, reports versions and devices, and maps
+errors to exit codes (0 done, 2 bad input, 3 non-finite loss, 143 stopped by SIGTERM/SIGINT after saving).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(HERE, "configs", "tiny.yaml")
+SAMPLE_PROMPT = "def "
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python train.py",
+        description="Train (or fine-tune) a DeepSeekMoE model. With no arguments: the built-in demo "
+        "(configs/tiny.yaml on the Python standard library's source, byte-level tokens, CPU, a few minutes). "
+        "Subcommand: 'python train.py prepare --help' makes token files.",
+    )
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="project config with model/options/train/data/mesh")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by dotted key, e.g. --set train.steps=100 --set options.dtype=bfloat16",
+    )
+    p.add_argument("--run-dir", help="same as --set train.run_dir=DIR")
+    p.add_argument("--steps", type=int, help="same as --set train.steps=N")
+    p.add_argument("--data", help="same as --set data.path=DIR (a directory made by 'prepare')")
+    p.add_argument("--init-from", help="same as --set train.init_from=DIR: fine-tune a converted checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (multi-host runs; settings from the environment)",
+    )
+    return p
+
+
+def _prepare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python train.py prepare",
+        description="Tokenize text into a dataset directory: dataset.json + train.bin/val.bin (uint16 or uint32 "
+        "token ids, documents separated by the eos id). Plain files are one document each; .jsonl files give one "
+        "document per line.",
+    )
+    p.add_argument("--input", nargs="+", required=True, help="text files and/or directories (walked recursively)")
+    p.add_argument("--output", required=True, help="dataset directory to create")
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        help="'bytes' (byte-level: b -> b+3, pad 0, bos 1, eos 2) or a tokenizer.json path",
+    )
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
+    p.add_argument("--pattern", default="*", help="file name pattern inside directories (default '*')")
+    p.add_argument("--text-key", default="text", help="field holding the text in .jsonl lines (default 'text')")
+    p.add_argument("--eos-token", help="eos token of a tokenizer.json (default: found among common names)")
+    p.add_argument("--bos-token", help="bos token of a tokenizer.json (default: found among common names)")
+    p.add_argument("--add-bos", action="store_true", help="start every document with the bos token")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _versions() -> str:
+    import flax
+    import jax
+    import optax
+    import orbax.checkpoint
+
+    import deepseekmoe_jax
+
+    return (
+        f"deepseekmoe-jax {deepseekmoe_jax.__version__} | python {sys.version.split()[0]} | jax {jax.__version__} | "
+        f"flax {flax.__version__} | optax {optax.__version__} | orbax-checkpoint {orbax.checkpoint.__version__}"
+    )
+
+
+def _devices() -> str:
+    import jax
+
+    devs = jax.devices()
+    return (
+        f"devices: {len(devs)} x {devs[0].device_kind} ({jax.default_backend()}), "
+        f"process {jax.process_index()} of {jax.process_count()}"
+    )
+
+
+def _display_path(path: str) -> str:
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else path
+
+
+def run_prepare(argv) -> int:
+    args = _prepare_parser().parse_args(argv)
+    from deepseekmoe_jax.train.data import DataError, prepare
+    from deepseekmoe_jax.train.tokenizer import TokenizerError, tokenizer_from_arg
+
+    try:
+        tok = tokenizer_from_arg(args.tokenizer, eos_token=args.eos_token, bos_token=args.bos_token)
+        meta = prepare(
+            args.input,
+            args.output,
+            tok,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            pattern=args.pattern,
+            text_key=args.text_key,
+            add_bos=args.add_bos,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (DataError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    print(
+        f"wrote {args.output}: train {tr['tokens']:,} tokens ({tr['documents']} documents), held-out "
+        f"{va['tokens']:,} tokens ({va['documents']} documents), {meta['dtype']}, vocab {meta['vocab_size']}, "
+        f"eos id {meta['eos_id']}"
+    )
+    return 0
+
+
+def run_train(argv) -> int:
+    args = _train_parser().parse_args(argv)
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    from deepseekmoe_jax.checkpoint import CheckpointError
+    from deepseekmoe_jax.config import ConfigError, parse_value
+    from deepseekmoe_jax.sharding import ShardingError
+    from deepseekmoe_jax.train import EXIT_TERMINATED, DataError, NonFiniteLoss, TrainError, load_run_config, train
+    from deepseekmoe_jax.train.tokenizer import TokenizerError
+
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"error: --set {item!r}: expected KEY=VALUE, e.g. --set train.steps=100", file=sys.stderr)
+            return 2
+        overrides[key.strip()] = parse_value(value)
+    for key, value in (
+        ("train.run_dir", args.run_dir),
+        ("train.steps", args.steps),
+        ("data.path", args.data),
+        ("train.init_from", args.init_from),
+    ):
+        if value is not None:
+            overrides[key] = value
+
+    print(_versions())
+    print(_devices())
+    try:
+        run = load_run_config(args.config, overrides)
+        print(f"config: {_display_path(args.config)}" + (f" with {overrides}" if overrides else ""))
+        result = train(run, progress=not args.no_progress)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ConfigError, DataError, ShardingError, CheckpointError, TokenizerError, TrainError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    if result.checkpoint:
+        ckpt = _display_path(result.checkpoint)
+        print(f"checkpoint: {ckpt}")
+        print("sample from it:")
+        print(
+            f"  python -m deepseekmoe_jax.sample --checkpoint {shlex.quote(ckpt)} --prompt {shlex.quote(SAMPLE_PROMPT)}"
+        )
+    if result.status == "terminated":
+        print(f"stopped at step {result.step}; run the same command again to resume")
+        return EXIT_TERMINATED
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "prepare":
+        return run_prepare(argv[1:])
+    return run_train(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
