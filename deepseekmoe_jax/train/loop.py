@@ -93,6 +93,17 @@ def batch_shards(sharding: NamedSharding, dim: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- setup helpers
+def enable_compilation_cache(directory: str | os.PathLike) -> None:
+    """Use JAX's persistent compilation cache in ``directory`` (compilations over a second are stored, so a
+    restarted or repeated run skips them). Takes effect even if this process has compiled before."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    directory = os.path.abspath(os.fspath(directory))
+    if jax.config.jax_compilation_cache_dir != directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        compilation_cache.reset_cache()  # the cache decides once per process whether it is on; ask again
+
+
 def resolve_dataset(run: RunConfig, log: Callable[[str], None]) -> TokenDataset:
     """Open ``data.path``, or prepare the built-in corpus into ``<run_dir>/data`` on first use."""
     d = run.data
@@ -238,9 +249,7 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
     say = log if is_main else (lambda _msg: None)
 
     if s.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(s.compilation_cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+        enable_compilation_cache(s.compilation_cache)
 
     # ---- mesh
     mesh = build_mesh(run.mesh)

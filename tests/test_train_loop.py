@@ -1,0 +1,317 @@
+"""The training loop end to end on 8 fake devices: loss falls, metrics, checkpoints, exact resume after SIGKILL,
+save on SIGTERM, non-finite loss, bad input.
+
+One uninterrupted run (in process) is the reference; the same run is then killed, stopped and restarted as real
+`train.py` subprocesses, which must reproduce its per-step losses exactly.
+"""
+
+import copy
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from deepseekmoe_jax.checkpoint import load_checkpoint
+from deepseekmoe_jax.config import ConfigError
+from deepseekmoe_jax.model import moe_layer_indices
+from deepseekmoe_jax.sharding import ShardingError
+from deepseekmoe_jax.train import DataError, NonFiniteLoss, TrainError, run_config_from_dict, train
+from deepseekmoe_jax.train.data import prepare
+from deepseekmoe_jax.train.loop import enable_compilation_cache
+from deepseekmoe_jax.train.metrics import read_jsonl
+from deepseekmoe_jax.train.tokenizer import ByteTokenizer
+
+STEPS = 40
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+
+
+def base_config(data_dir, run_dir, cache_dir) -> dict:
+    return {
+        "model": {
+            "vocab_size": 260,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "moe_intermediate_size": 16,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "max_position_embeddings": 64,
+            "aux_loss_alpha": 0.01,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+        },
+        "options": {"moe_group_size": 32},
+        "train": {
+            "run_dir": str(run_dir),
+            "steps": STEPS,
+            "batch_size": 8,
+            "seq_len": 32,
+            "learning_rate": 1.0e-2,
+            "warmup_steps": 4,
+            "log_every": 1,
+            "eval_every": 20,
+            "eval_batches": 2,
+            "checkpoint_every": 8,
+            "keep_checkpoints": 2,
+            "peak_flops": 1.0e11,
+            "compilation_cache": str(cache_dir),
+        },
+        "data": {"path": str(data_dir)},
+        "mesh": {"data": 2, "fsdp": 2, "expert": 2},
+    }
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_loop")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(20):  # learnable text: fixed word cycles with a per-document offset
+        (corpus / f"doc{i:02d}.txt").write_text(" ".join(WORDS[(3 * j + i) % 8] for j in range(400)))
+    prepare([str(corpus)], root / "data", ByteTokenizer(), val_fraction=0.1, progress=False)
+    cache = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
+    enable_compilation_cache(cache)
+    return root, cache
+
+
+@pytest.fixture(scope="module")
+def reference_run(workdir):
+    root, cache = workdir
+    raw = base_config(root / "data", root / "run_a", cache)
+    result = train(run_config_from_dict(raw), progress=False, log=lambda _m: None)
+    return raw, result, read_jsonl(str(root / "run_a" / "metrics.jsonl"))
+
+
+def _train_records(records):
+    return [r for r in records if "loss" in r]
+
+
+def test_loss_falls(reference_run):
+    _, result, records = reference_run
+    train_recs = _train_records(records)
+    assert result.status == "completed" and result.step == STEPS
+    assert [r["step"] for r in train_recs] == list(range(1, STEPS + 1))
+    first = train_recs[0]["lm_loss"]
+    assert first == pytest.approx(math.log(260), rel=0.1)  # untrained: about uniform over the vocabulary
+    assert np.mean([r["lm_loss"] for r in train_recs[-5:]]) < 0.4 * first
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [20, STEPS]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < first
+
+
+def test_metrics(reference_run, workdir):
+    raw, result, records = reference_run
+    from deepseekmoe_jax.train import run_config_from_dict as rc
+    from deepseekmoe_jax.train.flops import training_flops_per_token
+    from deepseekmoe_jax.train.optim import make_schedule
+
+    run = rc(raw)
+    n_moe = len(moe_layer_indices(run.model))
+    schedule = make_schedule(run.train)
+    fpt = training_flops_per_token(run.model, 32)
+    for r in _train_records(records):
+        assert r["loss"] == pytest.approx(r["lm_loss"] + r["aux_loss"], rel=1e-6)
+        assert r["aux_loss"] > 0 and r["grad_norm"] > 0 and r["tokens_per_second"] > 0
+        assert r["learning_rate"] == pytest.approx(float(schedule(r["step"] - 1)), rel=1e-6)
+        assert len(r["dropped_fraction"]) == len(r["load_imbalance"]) == n_moe == 2
+        assert all(0 <= d <= 1 for d in r["dropped_fraction"]) and all(1 <= x <= 4 for x in r["load_imbalance"])
+        assert r["mfu"] == pytest.approx(fpt * r["tokens_per_second"] / (8 * 1e11), rel=1e-6)
+        assert r["tokens_seen"] == r["step"] * 8 * 32
+    for r in records:
+        if "eval_loss" in r:
+            assert r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"]), rel=1e-6)
+    tb = os.path.join(result.run_dir, "tensorboard")
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tb))
+
+
+def test_checkpoints_are_loadable_model_dirs(reference_run):
+    _, result, _ = reference_run
+    ckpt_root = os.path.join(result.run_dir, "checkpoints")
+    assert sorted(int(n) for n in os.listdir(ckpt_root) if n.isdigit()) == [32, 40]  # keep_checkpoints: 2
+    assert result.checkpoint == os.path.join(ckpt_root, "40")
+    model = load_checkpoint(result.checkpoint)
+    assert model.config.hidden_size == 32 and model.config.options.moe_group_size == 32
+    with open(os.path.join(result.checkpoint, "train_state", "metadata"), encoding="utf-8") as f:
+        meta = json.load(f)
+    assert meta["step"] == STEPS and meta["data_position"] == STEPS * 8
+
+
+# ----------------------------------------------------------------------------------------------- kill / resume
+def _write_config(raw, path):
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(raw, f)
+
+
+def _launch(config_path, repo_root, log_path):
+    env = dict(os.environ, PYTHONPATH=str(repo_root))
+    out = open(log_path, "ab")
+    return subprocess.Popen(
+        [sys.executable, str(repo_root / "train.py"), "--config", str(config_path), "--no-progress"],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=str(repo_root),
+    )
+
+
+def _wait_for(proc, metrics_path, predicate, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        if os.path.isfile(metrics_path):
+            try:
+                records = read_jsonl(metrics_path)
+            except json.JSONDecodeError:
+                records = []  # a line being written
+            if predicate(records):
+                return True
+        time.sleep(0.005)
+    raise AssertionError("timed out waiting for the training subprocess")
+
+
+def _last_step(records):
+    steps = [r["step"] for r in records if "loss" in r]
+    return max(steps) if steps else 0
+
+
+def test_kill_then_sigterm_then_resume_reproduces_the_run(reference_run, workdir, repo_root):
+    raw, _, reference = reference_run
+    root, _ = workdir
+    run_b = root / "run_b"
+    cfg = copy.deepcopy(raw)
+    cfg["train"]["run_dir"] = str(run_b)
+    cfg["train"]["tensorboard"] = False  # saves importing TensorBoard three times; the losses do not depend on it
+    config_path = root / "run_b.yaml"
+    _write_config(cfg, config_path)
+    metrics = str(run_b / "metrics.jsonl")
+    log = root / "run_b.log"
+    ckpts = run_b / "checkpoints"
+
+    # 1. SIGKILL once step 8 is checkpointed and training has gone past it.
+    proc = _launch(config_path, repo_root, log)
+    reached = _wait_for(proc, metrics, lambda r: _last_step(r) >= 11 and (ckpts / "8" / "params").is_dir())
+    proc.kill()
+    proc.wait()
+    assert reached, f"the run ended before it could be killed:\n{log.read_text()}"
+    killed_at = _last_step(read_jsonl(metrics))
+    assert 11 <= killed_at < STEPS
+
+    # 2. Restart: it resumes from the newest complete checkpoint. SIGTERM it past step 20: it saves and exits 143.
+    proc = _launch(config_path, repo_root, log)
+    assert _wait_for(proc, metrics, lambda r: _last_step(r) >= 21), log.read_text()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, log.read_text()
+    stopped_at = _last_step(read_jsonl(metrics))
+    assert 21 <= stopped_at < STEPS
+    assert (ckpts / str(stopped_at) / "params").is_dir()  # saved at the step it stopped
+    text = log.read_text()
+    assert "resuming from" in text and "SIGTERM received" in text and "run the same command again" in text
+
+    # 3. Restart again and finish.
+    proc = _launch(config_path, repo_root, log)
+    assert proc.wait(timeout=240) == 0, log.read_text()
+
+    resumed = read_jsonl(metrics)
+    ref = {(r["step"], k): r[k] for r in reference for k in ("loss", "lm_loss", "grad_norm", "eval_loss") if k in r}
+    got = {(r["step"], k): r[k] for r in resumed for k in ("loss", "lm_loss", "grad_norm", "eval_loss") if k in r}
+    assert sorted(got) == sorted(ref)  # one record per step: the killed run's extra records were dropped
+    mismatched = {k: (ref[k], got[k]) for k in ref if got[k] != ref[k]}
+    assert not mismatched, mismatched  # bit-for-bit the same losses
+
+
+# ----------------------------------------------------------------------------------------------- failures
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(reference_run, workdir):
+    raw, result, _ = reference_run
+    root, _ = workdir
+    run_c = root / "run_c"
+    shutil.copytree(result.run_dir, run_c)
+    cfg = copy.deepcopy(raw)
+    cfg["train"].update(
+        run_dir=str(run_c), steps=STEPS + 8, learning_rate=1e30, schedule="constant", checkpoint_every=1
+    )
+    with pytest.raises(NonFiniteLoss) as info:
+        train(run_config_from_dict(cfg), progress=False, log=lambda _m: None)
+    err = info.value
+    assert STEPS < err.step <= STEPS + 8
+    assert f"at step {err.step}" in str(err) and "last good checkpoint" in str(err)
+    steps = sorted(int(n) for n in os.listdir(run_c / "checkpoints") if n.isdigit())
+    assert max(steps) < err.step  # nothing saved from the bad step on
+    assert err.checkpoint == str(run_c / "checkpoints" / str(max(steps)))
+    model = load_checkpoint(err.checkpoint)  # the kept checkpoint is intact
+    assert model is not None
+
+
+def _expect(raw, exc, match, tmp_path):
+    with pytest.raises(exc, match=match):
+        train(run_config_from_dict(raw), progress=False, log=lambda _m: None)
+
+
+def test_bad_input_is_reported(workdir, tmp_path):
+    root, cache = workdir
+    raw = base_config(root / "data", tmp_path / "run", cache)
+
+    too_long = copy.deepcopy(raw)
+    too_long["train"]["seq_len"] = 65
+    _expect(too_long, TrainError, r"seq_len=65 exceeds the model's max_position_embeddings=64", tmp_path)
+
+    tensor = copy.deepcopy(raw)
+    tensor["mesh"] = {"data": 1, "tensor": 8}
+    _expect(tensor, ShardingError, r"tensor axis \(8\)", tmp_path)
+
+    small_vocab = copy.deepcopy(raw)
+    small_vocab["model"]["vocab_size"] = 100
+    _expect(small_vocab, DataError, r"train.bin: holds token id \d+ but the model's vocab_size is 100", tmp_path)
+
+    uneven = copy.deepcopy(raw)
+    uneven["train"]["batch_size"] = 12
+    _expect(uneven, TrainError, r"micro-batch of 12 sequences .* 8 batch shards", tmp_path)
+
+    big_batch = copy.deepcopy(raw)
+    big_batch["train"]["batch_size"] = 4096
+    _expect(big_batch, DataError, r"fewer than one batch of train.batch_size=4096", tmp_path)
+
+    no_data = copy.deepcopy(raw)
+    no_data["data"] = {}
+    _expect(no_data, ConfigError, r"no training data: set data.path", tmp_path)
+
+
+def test_a_run_directory_of_another_model_is_refused(reference_run, workdir):
+    raw, result, _ = reference_run
+    cfg = copy.deepcopy(raw)
+    cfg["model"]["hidden_size"] = 64
+    before = sorted(os.listdir(os.path.join(result.run_dir, "checkpoints")))
+    with pytest.raises(TrainError, match=r"different model \(hidden_size: 32 -> 64\)"):
+        train(run_config_from_dict(cfg), progress=False, log=lambda _m: None)
+    assert sorted(os.listdir(os.path.join(result.run_dir, "checkpoints"))) == before
+    assert load_checkpoint(result.checkpoint).config.hidden_size == 32
+
+
+def test_cli_reports_bad_input_without_traceback(workdir, tmp_path, repo_root):
+    root, cache = workdir
+    raw = base_config(root / "data", tmp_path / "run", cache)
+    raw["train"]["seq_len"] = 100
+    cfg = tmp_path / "bad.yaml"
+    _write_config(raw, cfg)
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "train.py"), "--config", str(cfg), "--set", "train.steps=3"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(repo_root)),
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "error: train.seq_len=100 exceeds the model's max_position_embeddings=64" in proc.stderr
+    assert "Traceback" not in proc.stderr
