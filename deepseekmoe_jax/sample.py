@@ -13,6 +13,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -79,6 +80,19 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
     return logits
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p"))
+def _next_token(graphdef, state, buf, cur, key, *, temperature: float, top_k: int, top_p: float):
+    """The token after position ``cur - 1`` of ``buf`` [1, L] (model in evaluation mode)."""
+    from flax import nnx
+
+    model = nnx.merge(graphdef, state)
+    logits = model(buf, training=False).logits[0]  # [L, V]
+    last = jax.lax.dynamic_index_in_dim(logits, cur - 1, axis=0, keepdims=False)  # [V]
+    if temperature <= 0:
+        return jnp.argmax(last).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(last, temperature, top_k, top_p)).astype(jnp.int32)
+
+
 def generate(
     model,
     prompt_ids: Sequence[int],
@@ -106,23 +120,14 @@ def generate(
         raise ValueError(f"the prompt has {n} tokens; the model's max_position_embeddings is {limit}")
     length = min(n + max_new_tokens, limit)
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def next_token(state, buf, cur, key):
-        m = nnx.merge(graphdef, state)
-        logits = m(buf, training=False).logits[0]  # [L, V]
-        last = jax.lax.dynamic_index_in_dim(logits, cur - 1, axis=0, keepdims=False)  # [V]
-        if temperature <= 0:
-            return jnp.argmax(last).astype(jnp.int32)
-        return jax.random.categorical(key, filter_logits(last, temperature, top_k, top_p)).astype(jnp.int32)
-
+    sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
     buf = np.zeros((1, length), np.int32)
     buf[0, :n] = np.asarray(prompt_ids, np.int32)
     key = jax.random.key(seed)
     out: list[int] = []
     for cur in range(n, length):
         key, sub = jax.random.split(key)
-        tok = int(next_token(state, jnp.asarray(buf), jnp.int32(cur), sub))
+        tok = int(_next_token(graphdef, state, jnp.asarray(buf), jnp.int32(cur), sub, **sampling))
         if eos_id is not None and tok == eos_id:
             break
         buf[0, cur] = tok
