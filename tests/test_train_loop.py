@@ -315,3 +315,43 @@ def test_cli_reports_bad_input_without_traceback(workdir, tmp_path, repo_root):
     assert proc.returncode == 2
     assert "error: train.seq_len=100 exceeds the model's max_position_embeddings=64" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_fine_tuning_starts_from_the_checkpoint(reference_run, workdir):
+    from flax import nnx
+
+    from deepseekmoe_jax import sharding as sh
+    from deepseekmoe_jax.train.loop import build_mesh, initial_params
+
+    raw, result, _ = reference_run
+    root, _ = workdir
+    cfg = copy.deepcopy(raw)
+    del cfg["model"]  # the model comes from the checkpoint
+    cfg["options"] = {"moe_group_size": 16, "capacity_factor_train": 2.0}  # options may change
+    cfg["train"].update(run_dir=str(root / "run_ft"), init_from=result.checkpoint, learning_rate=1e-5)
+    run = run_config_from_dict(cfg)
+    assert run.model.hidden_size == 32 and run.model.num_hidden_layers == 3
+    assert run.model.options.moe_group_size == 16 and run.model.options.capacity_factor_train == 2.0
+
+    mesh = build_mesh(run.mesh)
+    params = initial_params(run, mesh, sh.rules_for(run.model), lambda _m: None)
+    expected = nnx.to_pure_dict(nnx.state(load_checkpoint(result.checkpoint), nnx.Param))
+    flat_got = dict(jax_tree_leaves_with_paths(params))
+    flat_want = dict(jax_tree_leaves_with_paths(expected))
+    assert flat_got.keys() == flat_want.keys()
+    for k, v in flat_want.items():
+        np.testing.assert_array_equal(np.asarray(flat_got[k]), np.asarray(v), err_msg=str(k))
+    experts = params["model"]["segments"][1]["layers"][0]["mlp"]["experts"]["w_gate"]
+    assert len(experts.sharding.device_set) == 8  # restored straight onto the mesh
+
+    bad = copy.deepcopy(raw)
+    bad["model"]["hidden_size"] = 64
+    bad["train"]["init_from"] = result.checkpoint
+    with pytest.raises(ConfigError, match=r"disagrees with the checkpoint .*hidden_size: config 64 vs checkpoint 32"):
+        run_config_from_dict(bad)
+
+
+def jax_tree_leaves_with_paths(tree):
+    import jax
+
+    return [(jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]]

@@ -16,6 +16,7 @@ name only once complete, so a run killed mid-save resumes from the previous one.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -27,6 +28,9 @@ from deepseekmoe_jax.train.step import TrainState
 CHECKPOINT_DIR = "checkpoints"
 
 
+_SERIAL_REPLICAS = False
+
+
 def _serial_replicas_on_cpu(ocp) -> None:
     """On the CPU backend, save each replicated array from one replica.
 
@@ -34,9 +38,17 @@ def _serial_replicas_on_cpu(ocp) -> None:
     on CPU costs a freshly compiled slicing op per array and save (seconds per checkpoint for a small model on
     several host devices) and buys nothing, as all replicas share the host's memory and disk.
     """
-    if jax.default_backend() == "cpu":
+    global _SERIAL_REPLICAS
+    if jax.default_backend() == "cpu" and not _SERIAL_REPLICAS:
         handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
-        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)  # Orbax warns that it replaces the default handler, as intended
+        try:
+            ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        finally:
+            absl_logger.setLevel(level)
+        _SERIAL_REPLICAS = True
 
 
 class RunCheckpointer:

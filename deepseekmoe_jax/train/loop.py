@@ -234,31 +234,88 @@ def _fmt_record(r: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-# ----------------------------------------------------------------------------------------------- train
-def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
-    """Run (or resume) the training described by ``run``; see the module docstring.
+# ----------------------------------------------------------------------------------------------- state layout
+@dataclasses.dataclass
+class StateLayout:
+    """How the train state of a config is built, sharded and stepped on a mesh."""
 
-    Raises `TrainError` (bad settings, `NonFiniteLoss`), `ConfigError`, `DataError`, `ShardingError` or
-    `CheckpointError` with a message naming what to fix. Returns a `TrainResult`.
-    """
+    build: ModelBuilder
+    optimizer: Any
+    schedule: Callable
+    init_opt: Any  # compiled optimizer.init
+    shardings: TrainState  # of NamedSharding
+    abstract: TrainState  # of jax.ShapeDtypeStruct with shardings
+    replicated: NamedSharding
+
+
+def plan_state(run: RunConfig, mesh, rules) -> StateLayout:
+    """Parameter shardings from the logical-axis rules, optimizer-state shardings from XLA's propagation through a
+    compiled ``optimizer.init``; nothing is allocated."""
+    abstract_model = nnx.eval_shape(lambda: DeepseekForCausalLM(run.model, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params_state, rest = nnx.split(abstract_model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise TrainError("the model holds non-parameter state, which this training loop does not carry")
+    param_sh = nnx.to_pure_dict(sh.param_shardings(abstract_params_state, rules, mesh))
+    abstract_params = _abstract(nnx.to_pure_dict(abstract_params_state), param_sh)
+    optimizer = make_optimizer(run.train, decay_mask(abstract_params_state))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    with sh.use_mesh(mesh, rules):
+        init_opt = jax.jit(optimizer.init).lower(abstract_params).compile()
+    opt_sh = init_opt.output_shardings
+    abstract_opt = _abstract(jax.eval_shape(optimizer.init, abstract_params), opt_sh)
+    scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+    return StateLayout(
+        build=ModelBuilder(graphdef, abstract_params_state),
+        optimizer=optimizer,
+        schedule=make_schedule(run.train),
+        init_opt=init_opt,
+        shardings=TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated, bad_step=replicated),
+        abstract=TrainState(
+            step=scalar(jnp.int32),
+            params=abstract_params,
+            opt_state=abstract_opt,
+            rng=scalar(jnp.uint32, (2,)),
+            bad_step=scalar(jnp.int32),
+        ),
+        replicated=replicated,
+    )
+
+
+def initial_params(run: RunConfig, mesh, rules, say) -> dict:
+    """Fresh parameters born sharded (seed ``train.seed``), or those of ``train.init_from`` for fine-tuning."""
+    config, s = run.model, run.train
+    if s.init_from is not None:
+        from deepseekmoe_jax.checkpoint import load_checkpoint
+
+        say(f"initialising from {s.init_from}")
+        model = load_checkpoint(s.init_from, mesh=mesh, dtype=config.options.param_dtype)
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    model = sh.create_sharded_model(config, mesh, seed=s.seed, rules=rules)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def start_state(run, layout: StateLayout, checkpointer: RunCheckpointer, mesh, rules, say) -> tuple[TrainState, int]:
+    """The newest checkpoint of the run directory if there is one, else a fresh state; and the data position."""
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        say(f"resuming from {checkpointer.step_dir(latest)}")
+        state, host = checkpointer.restore(latest, layout.abstract)
+        return state, int(host["data_position"])
+    params = initial_params(run, mesh, rules, say)
+    put = lambda x: jax.device_put(x, layout.replicated)
+    state = TrainState(
+        step=put(np.int32(0)),
+        params=params,
+        opt_state=layout.init_opt(params),
+        rng=put(np.asarray(jax.random.key_data(jax.random.key(run.train.seed)))),
+        bad_step=put(np.int32(-1)),
+    )
+    return state, 0
+
+
+def data_sources(run: RunConfig, say) -> tuple[TokenDataset, BatchSource, BatchSource | None]:
+    """The dataset checked against the model, the shuffled training source and the held-out source (or None)."""
     s, config = run.train, run.model
-    run_dir = os.path.abspath(s.run_dir)
-    run = dataclasses.replace(run, train=dataclasses.replace(s, run_dir=run_dir))
-    s = run.train
-    is_main = jax.process_index() == 0
-    say = log if is_main else (lambda _msg: None)
-
-    if s.compilation_cache:
-        enable_compilation_cache(s.compilation_cache)
-
-    # ---- mesh
-    mesh = build_mesh(run.mesh)
-    sh.check_mesh_fits(config, mesh)
-    rules = sh.rules_for(config)
-    micro_sh = batch_sharding(mesh, rules, leading=1)  # [A, B, T+1]
-    check_settings(run, mesh, micro_sh)
-
-    # ---- data
     dataset = resolve_dataset(run, say)
     for w in dataset.check_model(config.vocab_size, config.eos_token_id):
         say(f"warning: {w}")
@@ -285,213 +342,173 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
         f"{train_src.num_windows:,} sequences of {s.seq_len})"
         + (f", held-out {eval_src.split.num_tokens:,} tokens" if eval_src else "")
     )
+    return dataset, train_src, eval_src
 
-    # ---- model, optimizer, state shardings
+
+# ----------------------------------------------------------------------------------------------- train
+def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+    """Run (or resume) the training described by ``run``; see the module docstring.
+
+    Raises `TrainError` (bad settings, `NonFiniteLoss`), `ConfigError`, `DataError`, `ShardingError` or
+    `CheckpointError` with a message naming what to fix. Returns a `TrainResult`.
+    """
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, run_dir=os.path.abspath(run.train.run_dir)))
+    s, config, run_dir = run.train, run.model, run.train.run_dir
+    is_main = jax.process_index() == 0
+    say = log if is_main else (lambda _msg: None)
+    if s.compilation_cache:
+        enable_compilation_cache(s.compilation_cache)
+
+    mesh = build_mesh(run.mesh)
+    sh.check_mesh_fits(config, mesh)
+    rules = sh.rules_for(config)
+    micro_sh = batch_sharding(mesh, rules, leading=1)  # [A, B, T+1]
+    check_settings(run, mesh, micro_sh)
+    dataset, train_src, eval_src = data_sources(run, say)
+
     checkpointer = RunCheckpointer(run_dir, keep=s.keep_checkpoints, async_save=s.async_checkpointing)
-    latest = checkpointer.latest_step()
-    prepare_run_dir(run, dataset, resuming=latest is not None)
-
-    abstract_model = nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params_state, rest = nnx.split(abstract_model, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-        raise TrainError("the model holds non-parameter state, which this training loop does not carry")
-    build = ModelBuilder(graphdef, abstract_params_state)
-    param_sh = nnx.to_pure_dict(sh.param_shardings(abstract_params_state, rules, mesh))
-    abstract_params = _abstract(nnx.to_pure_dict(abstract_params_state), param_sh)
-    schedule = make_schedule(s)
-    optimizer = make_optimizer(s, decay_mask(abstract_params_state))
-    replicated = NamedSharding(mesh, PartitionSpec())
-
+    prepare_run_dir(run, dataset, resuming=checkpointer.latest_step() is not None)
+    layout = plan_state(run, mesh, rules)
     with sh.use_mesh(mesh, rules):
-        init_opt = jax.jit(optimizer.init).lower(abstract_params).compile()
-        opt_sh = init_opt.output_shardings
-        abstract_opt = jax.tree.map(
-            lambda x, sd: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sd),
-            jax.eval_shape(optimizer.init, abstract_params),
-            opt_sh,
-        )
-        state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated, bad_step=replicated)
-        abstract_state = TrainState(
-            step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-            params=abstract_params,
-            opt_state=abstract_opt,
-            rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
-            bad_step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-        )
+        state, position = start_state(run, layout, checkpointer, mesh, rules, say)
+    start_step = int(state.step)
 
-        host: dict[str, Any]
-        if latest is not None:
-            say(f"resuming from {checkpointer.step_dir(latest)}")
-            state, host = checkpointer.restore(latest, abstract_state)
-            position = int(host["data_position"])
-        else:
-            params = _initial_params(run, mesh, rules, say)
-            rng = jax.random.key_data(jax.random.key(s.seed))
-            state = TrainState(
-                step=jax.device_put(np.int32(0), replicated),
-                params=params,
-                opt_state=init_opt(params),
-                rng=jax.device_put(np.asarray(rng), replicated),
-                bad_step=jax.device_put(np.int32(-1), replicated),
-            )
-            position = 0
-            host = {"data_position": 0, "tokens_seen": 0}
-        start_step = int(state.step)
+    fpt = flops_lib.training_flops_per_token(config, s.seq_len)
+    device_kind = jax.devices()[0].device_kind
+    peak, peak_source = flops_lib.peak_flops(device_kind, config.options.dtype, s.peak_flops)
+    say(
+        f"model: {config.num_hidden_layers} layers ({len(moe_layer_indices(config))} MoE), hidden "
+        f"{config.hidden_size}, {param_count(layout.abstract.params):,} parameters, "
+        f"{flops_lib.activated_params(config)['total']:,} activated matmul parameters per token, "
+        f"{fpt / 1e6:,.1f} MFLOP per training token"
+    )
+    say(f"mesh: {dict(mesh.shape)} over {mesh.size} {device_kind} device(s), {jax.process_count()} process(es)")
+    if peak is None:
+        say(f"MFU: not reported ({peak_source})")
+    say(
+        f"run: {run_dir} | steps {s.steps} | batch {s.batch_size} x {s.seq_len} tokens"
+        f"{f' in {s.grad_accum} micro-batches' if s.grad_accum > 1 else ''} | lr {s.learning_rate:g} "
+        f"({s.schedule}, warmup {s.warmup_steps})"
+    )
+    if start_step >= s.steps:
+        say(f"run already complete: step {start_step} >= train.steps={s.steps}")
+        latest = checkpointer.latest_step()
+        checkpointer.close()
+        return TrainResult("already_complete", run_dir, start_step, checkpointer.step_dir(latest), {}, None)
 
-        n_params = param_count(abstract_params)
-        fpt = flops_lib.training_flops_per_token(config, s.seq_len)
-        active = flops_lib.activated_params(config)["total"]
-        device_kind = jax.devices()[0].device_kind
-        peak, peak_source = flops_lib.peak_flops(device_kind, config.options.dtype, s.peak_flops)
-        say(
-            f"model: {config.num_hidden_layers} layers ({len(moe_layer_indices(config))} MoE), hidden "
-            f"{config.hidden_size}, {n_params:,} parameters, {active:,} activated matmul parameters per token, "
-            f"{fpt / 1e6:,.1f} MFLOP per training token"
-        )
-        say(f"mesh: {dict(mesh.shape)} over {mesh.size} {device_kind} device(s), {jax.process_count()} process(es)")
-        if peak is None:
-            say(f"MFU: not reported ({peak_source})")
-        tokens_per_step = s.batch_size * s.seq_len
-        say(
-            f"run: {run_dir} | steps {s.steps} | batch {s.batch_size} x {s.seq_len} tokens"
-            f"{f' in {s.grad_accum} micro-batches' if s.grad_accum > 1 else ''} | lr {s.learning_rate:g} "
-            f"({s.schedule}, warmup {s.warmup_steps})"
-        )
-
-        if start_step >= s.steps:
-            say(f"run already complete: step {start_step} >= train.steps={s.steps}")
-            checkpointer.close()
-            return TrainResult("already_complete", run_dir, start_step, checkpointer.step_dir(latest), {}, None)
-
-        shape = (s.grad_accum, s.micro_batch_size)
+    shape = (s.grad_accum, s.micro_batch_size)
+    with sh.use_mesh(mesh, rules):
         step_fn = jax.jit(
-            make_train_step(build, optimizer, schedule, s.loss_chunk_size),
-            in_shardings=(state_sh, micro_sh),
-            out_shardings=(state_sh, replicated),
+            make_train_step(layout.build, layout.optimizer, layout.schedule, s.loss_chunk_size),
+            in_shardings=(layout.shardings, micro_sh),
+            out_shardings=(layout.shardings, layout.replicated),
             donate_argnums=0,
         )
         batch_abstract = jax.ShapeDtypeStruct((*shape, s.seq_len + 1), jnp.int32, sharding=micro_sh)
         t0 = time.perf_counter()
         say("compiling the training step ...")
-        compiled_step = step_fn.lower(abstract_state, batch_abstract).compile()
+        compiled_step = step_fn.lower(layout.abstract, batch_abstract).compile()
         say(f"compiled in {time.perf_counter() - t0:.1f} s")
         eval_fn = None
         if eval_src is not None:
             eval_fn = jax.jit(
-                make_eval_step(build, s.loss_chunk_size),
-                in_shardings=(param_sh, micro_sh),
-                out_shardings=replicated,
+                make_eval_step(layout.build, s.loss_chunk_size),
+                in_shardings=(layout.shardings.params, micro_sh),
+                out_shardings=layout.replicated,
             )
 
-        logger = MetricsLogger(
-            run_dir,
-            total_steps=s.steps,
-            start_step=start_step,
-            tensorboard=s.tensorboard,
-            enabled=is_main,
-            progress=progress,
-        )
-        for note in logger.notes:
-            say(note)
+    logger = MetricsLogger(
+        run_dir,
+        total_steps=s.steps,
+        start_step=start_step,
+        tensorboard=s.tensorboard,
+        enabled=is_main,
+        progress=progress,
+    )
+    for note in logger.notes:
+        say(note)
 
-        def evaluate(params, step) -> dict[str, Any]:
-            n_batches = min(s.eval_batches, math.ceil(eval_src.num_windows / s.micro_batch_size))
-            nll = count = 0.0
+    def evaluate(params, step) -> dict[str, Any]:
+        n_batches = min(s.eval_batches, math.ceil(eval_src.num_windows / s.micro_batch_size))
+        nll = count = 0.0
+        with sh.use_mesh(mesh, rules):
             for i in range(n_batches):
                 tokens = global_batch(eval_src, i * s.micro_batch_size, (1, s.micro_batch_size), micro_sh)
                 a, b = eval_fn(params, tokens)
                 nll, count = nll + float(a), count + float(b)
-            loss = nll / count
-            rec = {"step": step, "eval_loss": loss, "eval_perplexity": float(math.exp(min(loss, 700.0)))}
-            logger.write(rec)
-            logger.message(f"eval   step {step:>6} | loss {loss:.4f} | perplexity {rec['eval_perplexity']:.2f}")
-            return rec
+        loss = nll / count
+        rec = {"step": step, "eval_loss": loss, "eval_perplexity": float(math.exp(min(loss, 700.0)))}
+        logger.write(rec)
+        logger.message(f"eval   step {step:>6} | loss {loss:.4f} | perplexity {rec['eval_perplexity']:.2f}")
+        return rec
 
-        def check_finite(step_now: int) -> None:
-            bad = int(state.bad_step)
-            if bad >= 0:
-                last = checkpointer.latest_step()
-                where = checkpointer.step_dir(last) if last is not None else None
-                raise NonFiniteLoss(
-                    f"the loss or gradient norm became NaN/inf at step {bad} (detected by step {step_now}); "
-                    "training stopped without saving. "
-                    + (f"The last good checkpoint is {where}. " if where else "No checkpoint was written yet. ")
-                    + "Lower train.learning_rate, check the data, or use float32 compute (options.dtype).",
-                    bad,
-                    where,
-                )
+    def check_finite(step_now: int) -> None:
+        bad = int(state.bad_step)
+        if bad >= 0:
+            last = checkpointer.latest_step()
+            where = checkpointer.step_dir(last) if last is not None else None
+            raise NonFiniteLoss(
+                f"the loss or gradient norm became NaN/inf at step {bad} (detected by step {step_now}); "
+                "training stopped without saving. "
+                + (f"The last good checkpoint is {where}. " if where else "No checkpoint was written yet. ")
+                + "Lower train.learning_rate, check the data, or use float32 compute (options.dtype).",
+                bad,
+                where,
+            )
 
-        def save(step_now: int) -> None:
-            check_finite(step_now)
-            host_state = {
-                "data_position": position,
-                "tokens_seen": position * s.seq_len,
-                "seed": s.seed,
-                "seq_len": s.seq_len,
-            }
-            checkpointer.save(state, host_state)
+    def save(step_now: int) -> None:
+        check_finite(step_now)
+        host_state = {"data_position": position, "tokens_seen": position * s.seq_len, "seed": s.seed}
+        checkpointer.save(state, host_state)
 
-        last_record: dict[str, Any] = {}
-        eval_record = None
-        status = "completed"
-        step = start_step
-        try:
-            with _stop_on_signals() as stop:
-                t_mark, step_mark = time.perf_counter(), step
-                while step < s.steps:
-                    if stop.is_set():
-                        status = "terminated"
-                        name = signal.Signals(getattr(stop, "signum", signal.SIGTERM)).name
-                        logger.message(f"{name} received: saving a checkpoint at step {step} before exiting")
-                        break
-                    batch = global_batch(train_src, position, shape, micro_sh)
-                    state, metrics = compiled_step(state, batch)
-                    position += s.batch_size
-                    step += 1
-                    logger.advance(1)
-                    if step % s.log_every == 0 or step == s.steps:
-                        m = jax.device_get(metrics)
-                        check_finite(step)
-                        now = time.perf_counter()
-                        tps = (step - step_mark) * tokens_per_step / max(now - t_mark, 1e-9)
-                        t_mark, step_mark = now, step
-                        rec = {"step": step}
-                        for k, v in m.items():
-                            rec[k] = np.asarray(v).tolist() if np.ndim(v) else float(v)
-                        rec["tokens_per_second"] = tps
-                        rec["mfu"] = flops_lib.mfu(fpt, tps, mesh.size, peak)
-                        rec["tokens_seen"] = position * s.seq_len
-                        logger.write(rec)
-                        logger.message(_fmt_record(rec))
-                        logger.advance(0, loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}")
-                        last_record = rec
-                    if eval_fn is not None and s.eval_every > 0 and step % s.eval_every == 0 and step < s.steps:
-                        check_finite(step)
-                        eval_record = evaluate(state.params, step)
-                        t_mark, step_mark = time.perf_counter(), step
-                    if step % s.checkpoint_every == 0 or step == s.steps:
-                        save(step)
-            if status == "terminated" or step == s.steps:
-                save(step)
-            if status == "completed" and eval_fn is not None:
-                eval_record = evaluate(state.params, step)
-        finally:
-            logger.close()
-            checkpointer.close()
+    last_record: dict[str, Any] = {}
+    eval_record = None
+    status = "completed"
+    step = start_step
+    try:
+        with _stop_on_signals() as stop:
+            t_mark, step_mark = time.perf_counter(), step
+            while step < s.steps:
+                if stop.is_set():
+                    status = "terminated"
+                    name = signal.Signals(getattr(stop, "signum", signal.SIGTERM)).name
+                    logger.message(f"{name} received: saving a checkpoint at step {step} before exiting")
+                    break
+                state, metrics = compiled_step(state, global_batch(train_src, position, shape, micro_sh))
+                position += s.batch_size
+                step += 1
+                logger.advance(1)
+                if step % s.log_every == 0 or step == s.steps:
+                    check_finite(step)
+                    now = time.perf_counter()
+                    tps = (step - step_mark) * s.batch_size * s.seq_len / max(now - t_mark, 1e-9)
+                    t_mark, step_mark = now, step
+                    rec = {"step": step}
+                    for k, v in jax.device_get(metrics).items():
+                        rec[k] = np.asarray(v).tolist() if np.ndim(v) else float(v)
+                    rec.update(
+                        tokens_per_second=tps,
+                        mfu=flops_lib.mfu(fpt, tps, mesh.size, peak),
+                        tokens_seen=position * s.seq_len,
+                    )
+                    logger.write(rec)
+                    logger.message(_fmt_record(rec))
+                    logger.advance(0, loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                    last_record = rec
+                if eval_fn is not None and s.eval_every > 0 and step % s.eval_every == 0 and step < s.steps:
+                    check_finite(step)
+                    eval_record = evaluate(state.params, step)
+                    t_mark, step_mark = time.perf_counter(), step
+                if step % s.checkpoint_every == 0 or step == s.steps:
+                    save(step)
+        if status == "terminated" or step == s.steps:
+            save(step)
+        if status == "completed" and eval_fn is not None:
+            eval_record = evaluate(state.params, step)
+    finally:
+        logger.close()
+        checkpointer.close()
     final = checkpointer.latest_step()
     return TrainResult(
         status, run_dir, step, checkpointer.step_dir(final) if final is not None else None, last_record, eval_record
     )
-
-
-def _initial_params(run: RunConfig, mesh, rules, say) -> dict:
-    """Fresh parameters born sharded (seed ``train.seed``), or those of ``train.init_from`` for fine-tuning."""
-    config, s = run.model, run.train
-    if s.init_from is not None:
-        from deepseekmoe_jax.checkpoint import load_checkpoint
-
-        say(f"initialising from {s.init_from}")
-        model = load_checkpoint(s.init_from, mesh=mesh, dtype=config.options.param_dtype)
-        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    model = sh.create_sharded_model(config, mesh, seed=s.seed, rules=rules)
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -144,7 +144,7 @@ def make_train_step(
         lm_loss = jnp.sum(extras["nll"]) / total_tokens
         aux_loss = jnp.mean(extras["aux"])
         loss = lm_loss + aux_loss
-        grad_norm = optax.global_norm(grads)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
         updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
 
