@@ -10,7 +10,9 @@ Evaluation always uses the exact no-drop dispatch, so the eval loss compares the
 Columns: dropped = mean fraction of (token, choice) assignments that found no slot, over MoE layers and over the
 logged steps of the second half of the run; train loss = mean LM loss of the last 10 logged steps; eval loss = on
 the held-out split at the end; step time = median seconds per optimizer step over logged intervals after the
-first (compilation excluded); tokens/s likewise.
+first (compilation excluded); tokens/s likewise. Because a shared machine makes those timings drift between runs,
+a second table times the compiled steps of all factors interleaved in one process (round robin, same batch,
+median over ``--timing-rounds`` rounds); the dispatch cost depends only on the capacity, not on the routing.
 """
 
 from __future__ import annotations
@@ -81,6 +83,59 @@ def run_one(config: str, factor: float | None, steps: int, work_dir: str, overri
     }
 
 
+def interleaved_timing(config: str, factors: list[float | None], rounds: int, work_dir: str, overrides: dict):
+    """Median seconds per training step of each factor, timed round robin in one process."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from deepseekmoe_jax import sharding as sh
+    from deepseekmoe_jax.train.loop import batch_sharding, build_mesh, initial_params, plan_state
+    from deepseekmoe_jax.train.step import TrainState, make_train_step
+
+    steps = {}
+    for factor in factors:
+        run = load_run_config(config, {**overrides, "options.capacity_factor_train": factor, "data.corpus": None})
+        mesh = build_mesh(run.mesh)
+        rules = sh.rules_for(run.model)
+        layout = plan_state(run, mesh, rules)
+        micro = batch_sharding(mesh, rules, leading=1)
+        with sh.use_mesh(mesh, rules):
+            params = initial_params(run, mesh, rules, lambda _m: None)
+            state = TrainState(
+                jnp.int32(0), params, layout.init_opt(params), jax.random.key_data(jax.random.key(0)), jnp.int32(-1)
+            )
+            fn = jax.jit(
+                make_train_step(layout.build, layout.optimizer, layout.schedule, run.train.loss_chunk_size),
+                in_shardings=(layout.shardings, micro),
+                out_shardings=(layout.shardings, layout.replicated),
+            )
+            shape = (run.train.grad_accum, run.train.micro_batch_size, run.train.seq_len + 1)
+            batch = jax.device_put(jnp.asarray(jax.random.randint(jax.random.key(1), shape, 3, 259)), micro)
+            compiled = fn.lower(state, batch).compile()
+        jax.block_until_ready(compiled(state, batch))  # warm up
+        steps[factor] = (compiled, state, batch)
+    times = {f: [] for f in factors}
+    for _ in range(rounds):
+        for f in factors:
+            compiled, state, batch = steps[f]
+            t = time.perf_counter()
+            jax.block_until_ready(compiled(state, batch))
+            times[f].append(time.perf_counter() - t)
+    return {f: statistics.median(v) for f, v in times.items()}
+
+
+def timing_table(medians: dict, tokens_per_step: int) -> str:
+    lines = ["| capacity factor | step time (s), interleaved median | tokens/s | vs no-drop |", "|---|---|---|---|"]
+    base = medians.get(None)
+    for f, t in medians.items():
+        rel = f"{t / base:.2f}x" if base else "-"
+        name = "no-drop" if f is None else f"{f:g}"
+        lines.append(f"| {name} | {t:.3f} | {tokens_per_step / t:,.0f} | {rel} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| capacity factor | dropped (2nd half) | max load / mean | train LM loss (last 10) | eval loss | "
@@ -116,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--factors", default="1.0,1.25,1.5,2.0,none")
     p.add_argument("--work-dir", default="runs/bench_capacity")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--timing-rounds", type=int, default=20, help="rounds of the interleaved timing (0: skip)")
+    p.add_argument("--timing-only", action="store_true", help="skip the training runs, only time the steps")
     p.add_argument("--markdown", help="also write the table with its setup to this file")
     args = p.parse_args(argv)
     overrides = {}
@@ -123,17 +180,27 @@ def main(argv=None) -> int:
         k, _, v = item.partition("=")
         overrides[k] = parse_value(v)
     rows = []
-    for factor in parse_factors(args.factors):
+    for factor in [] if args.timing_only else parse_factors(args.factors):
         print(f"capacity factor {factor}:", flush=True)
         rows.append(run_one(args.config, factor, args.steps, args.work_dir, overrides))
     run = load_run_config(args.config, overrides)
     setup = (
         f"{args.config} ({run.model.n_routed_experts} routed experts, top-{run.model.num_experts_per_tok}, "
         f"group size {run.model.options.moe_group_size}, aux_loss_alpha {run.model.aux_loss_alpha}), "
-        f"{args.steps} steps of {run.train.batch_size} x {run.train.seq_len} tokens, "
+        + ("" if args.timing_only else f"{args.steps} steps of ")
+        + f"{run.train.batch_size} x {run.train.seq_len} tokens per step, "
         f"Python standard library bytes; {environment()}"
     )
-    text = table(rows)
+    text = table(rows) if rows else ""
+    if args.timing_rounds > 0:
+        factors = parse_factors(args.factors)
+        medians = interleaved_timing(args.config, factors, args.timing_rounds, args.work_dir, overrides)
+        tokens_per_step = run.train.batch_size * run.train.seq_len
+        text += (
+            ("\n\n" if text else "")
+            + f"Step time with all factors timed round robin in one process ({args.timing_rounds} rounds, "
+            f"same batch):\n\n" + timing_table(medians, tokens_per_step)
+        )
     print()
     print(setup)
     print(text)

@@ -2,8 +2,8 @@
 
     python bench/plot_loss.py runs/tiny/metrics.jsonl --output docs/loss_curve.png [--title "..."]
 
-Training LM loss (every logged step), the balance (aux) loss on a second axis, and held-out loss (every
-evaluation), against the optimizer step.
+Training LM loss (every logged step) and held-out loss (every evaluation) against the optimizer step, with the
+share of MoE assignments dropped for lack of capacity (mean over MoE layers) on a second axis.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from deepseekmoe_jax.train.metrics import read_jsonl  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Plot LM, aux and eval loss from a metrics.jsonl file.")
+    p = argparse.ArgumentParser(description="Plot train/held-out loss and dropped assignments from a metrics.jsonl.")
     p.add_argument("metrics", help="RUN/metrics.jsonl")
     p.add_argument("--output", required=True, help="PNG file to write")
     p.add_argument("--title", default=None)
@@ -45,15 +45,11 @@ def main(argv=None) -> int:
     ax.set_ylabel("cross-entropy (nats per token)")
     ax.grid(alpha=0.3)
     ax2 = ax.twinx()
-    ax2.plot(
-        [r["step"] for r in train],
-        [r["aux_loss"] for r in train],
-        label="aux (balance) loss",
-        color="tab:gray",
-        alpha=0.6,
-        linewidth=1,
-    )
-    ax2.set_ylabel("aux loss")
+    if "dropped_fraction" in train[0]:
+        dropped = [100 * sum(r["dropped_fraction"]) / len(r["dropped_fraction"]) for r in train]
+        ax2.plot([r["step"] for r in train], dropped, label="dropped assignments (%)", color="tab:gray", alpha=0.7)
+        ax2.set_ylabel("dropped assignments, % (mean over MoE layers)")
+        ax2.set_ylim(bottom=0)
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper right")

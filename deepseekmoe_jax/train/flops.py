@@ -24,8 +24,6 @@ capacity factor are still counted, as the model (not the implementation) would c
 
 from __future__ import annotations
 
-from typing import Any
-
 from deepseekmoe_jax.config import DeepseekConfig
 
 # Dense (no sparsity) peak FLOP/s of one JAX device: (bfloat16, float32). Keys are matched case-insensitively as
@@ -110,12 +108,3 @@ def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int, peak
     if peak is None or tokens_per_second <= 0:
         return None
     return flops_per_token * tokens_per_second / (num_devices * peak)
-
-
-def describe(config: DeepseekConfig, seq_len: int) -> dict[str, Any]:
-    """A summary for logs: activated parameters by part and FLOPs per token."""
-    return {
-        "activated_params": activated_params(config),
-        "flops_per_token": training_flops_per_token(config, seq_len),
-        "attention_flops_per_token": attention_flops_per_token(config, seq_len),
-    }
