@@ -88,8 +88,8 @@ def check_against_config(ckpt: HFCheckpoint, config: DeepseekConfig) -> dict[str
         if info is not None and info.shape != shapes[key]:
             raise ConvertError(
                 f"{ckpt.path(key)}: tensor {key} has shape {info.shape} but config.json "
-                f"({_hint(key, config)}) implies {shapes[key]}; config.json does not describe these weights: use "
-                "the config.json that came with them"
+                f"({_hint(key, config)}) implies {shapes[key]}; either config.json does not describe these "
+                "weights (use the config.json that came with them) or the file is damaged"
             )
     missing = [k for k in targets if k not in present]
     if missing:

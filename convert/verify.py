@@ -10,9 +10,13 @@ hold it twice in float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from convert.common import ConvertError, log
 from convert.hf_to_jax import check_against_config, read_hf_config
@@ -43,6 +47,12 @@ class ParityResult:
     @property
     def ok(self) -> bool:
         return bool(self.max_rel <= self.tolerance)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, ids):
+    """float32 logits [B, T, V]; jitted once per model structure (repeated checks of one model reuse it)."""
+    return nnx.merge(graphdef, state)(ids).logits
 
 
 def _require_torch():
@@ -105,10 +115,7 @@ def verify_parity(
     directories do not describe the same model or torch/transformers are missing.
     """
     _require_torch()
-    import jax
-    import jax.numpy as jnp
     import torch
-    from flax import nnx
 
     from deepseekmoe_jax.reference import build_reference, load_reference_state_dict, reference_logits
 
@@ -149,17 +156,13 @@ def verify_parity(
     model.eval()
     graphdef, model_state = nnx.split(model)
 
-    @jax.jit
-    def logits_fn(model_state, ids):
-        return nnx.merge(graphdef, model_state)(ids).logits
-
     rng = np.random.default_rng(seed)
     worst_rel = worst_abs = 0.0
     agree = total = 0
     for n in range(batches):
         ids = rng.integers(0, sub.vocab_size, (batch_size, seq_len))
         ref = reference_logits(reference, ids)
-        got = np.asarray(logits_fn(model_state, jnp.asarray(ids, jnp.int32)))
+        got = np.asarray(_logits(graphdef, model_state, jnp.asarray(ids, jnp.int32)))
         abs_diff = float(np.max(np.abs(got - ref)))
         rel = abs_diff / max(float(np.max(np.abs(ref))), 1e-30)
         agree += int(np.sum(got.argmax(-1) == ref.argmax(-1)))

@@ -299,7 +299,8 @@ class TorchBinFile:
             self.tensors[key] = TensorInfo(key, self.name, tuple(t.shape), code, t.numel() * t.element_size())
 
     def _corrupt(self, e: BaseException) -> HFCheckpointError:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
         return HFCheckpointError(
             f"{self.path}: cannot read this PyTorch checkpoint ({type(e).__name__}: {first[:200]}); the file is "
             "truncated or corrupt: re-download it"
