@@ -103,6 +103,7 @@ def staging_dir(out_dir: str, *, overwrite: bool, inputs: tuple[str, ...] = ()) 
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private mode would otherwise become the output's
     try:
         yield tmp
+        fsync_tree(tmp)
         if os.path.lexists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
             os.replace(out_dir, os.path.join(old, "previous"))
@@ -113,6 +114,23 @@ def staging_dir(out_dir: str, *, overwrite: bool, inputs: tuple[str, ...] = ()) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fsync_tree(directory: str) -> None:
+    """Flush every file and directory under ``directory`` to disk, so that the rename that publishes the output
+    never exposes data still sitting in the page cache (the array writers skip per-chunk syncs for speed)."""
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def remote_code_files(config: DeepseekConfig) -> list[str]:

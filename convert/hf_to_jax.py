@@ -168,11 +168,10 @@ def convert_hf_to_jax(
             try:
                 for key in iter_file_order(ckpt, targets):
                     target = targets[key]
-                    value = ckpt.read(key)
-                    if value.dtype.itemsize > target_dtype.itemsize:
-                        value = value.astype(target_dtype)  # narrow first: the transform then moves fewer bytes
-                    value = target.rule.to_jax(value, config).astype(target_dtype, copy=False)
-                    writer.write(leaf_path(target.path), target.index, value)
+                    # Cast while the tensor is contiguous; the layout transform then yields a (usually transposed)
+                    # view that the writer copies into its chunks with TensorStore's strided copy.
+                    value = ckpt.read(key).astype(target_dtype, copy=False)
+                    writer.write(leaf_path(target.path), target.index, target.rule.to_jax(value, config))
                     bar.step(ckpt.tensors[key].nbytes)
                 writer.close()
             except BaseException:

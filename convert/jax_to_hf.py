@@ -14,8 +14,6 @@ import json
 import os
 import time
 
-import numpy as np
-
 from convert.common import ConvertError, copy_side_files, human_bytes, log, progress_bar, staging_dir
 from deepseekmoe_jax.checkpoint import ParamsReader, find_config_dir, leaf_path, read_config
 from deepseekmoe_jax.hf_io import (
@@ -93,13 +91,12 @@ def convert_jax_to_hf(
                         if target.index:
                             if slab_key != (path, target.index[0]):
                                 slab_key, slab = None, None  # release the previous slab before reading the next
-                                slab = reader.read(path, target.index[:1])
+                                slab = reader.read(path, target.index[:1]).astype(out_dtype, copy=False)
                                 slab_key = (path, target.index[0])
                             value = slab[target.index[1:]] if len(target.index) > 1 else slab
                         else:
-                            value = reader.read(path)
-                        out = target.rule.to_hf(np.asarray(value), config).astype(out_dtype, copy=False)
-                        writer.write(t.key, out)
+                            value = reader.read(path).astype(out_dtype, copy=False)
+                        writer.write(t.key, target.rule.to_hf(value, config))  # the writer makes it contiguous
                         bar.step(t.nbytes)
         finally:
             bar.close()

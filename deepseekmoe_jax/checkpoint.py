@@ -275,13 +275,15 @@ class ParamsWriter:
         self.specs = specs = param_specs(config, state)
         like = nnx.to_pure_dict(state)
         self._max_pending = max_pending_bytes
-        self._pending: list[tuple[Any, int]] = []
+        self._pending: list[tuple[Any, int, np.ndarray]] = []
         self._pending_bytes = 0
         self._written = dict.fromkeys(specs, 0)
         proxy = _nested({p: np.zeros((1,) * len(s.shape), s.dtype) for p, s in specs.items()}, like)
         handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
         ocp.Checkpointer(handler).save(self.params_dir, args=ocp.args.PyTreeSave(proxy))
-        self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+        # No chunk cache (every chunk is written once) and many concurrent file writes, as Orbax configures them;
+        # each chunk is synced as it is written, which overlaps disk write-back with the conversion.
+        self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "file_io_concurrency": {"limit": 128}})
         self._arrays = {}
         for path, spec in specs.items():
             kvstore = {"driver": "file", "path": os.path.join(self.params_dir, leaf_name(path))}
@@ -302,14 +304,15 @@ class ParamsWriter:
             raise AssertionError(f"{leaf_name(path)}{list(index)}: expected {want} {spec.dtype}, got {value.shape}")
         array = self._arrays[path]
         future = array[index].write(value) if index else array.write(value)
-        self._pending.append((future, value.nbytes))
+        # ``value`` (often a transposed view of a freshly read tensor) stays referenced until its write is done.
+        self._pending.append((future, value.nbytes, value))
         self._pending_bytes += value.nbytes
         self._written[path] += value.size
         while self._pending_bytes > self._max_pending:
             self._wait_oldest()
 
     def _wait_oldest(self) -> None:
-        future, nbytes = self._pending.pop(0)
+        future, nbytes, _ = self._pending.pop(0)
         self._pending_bytes -= nbytes
         future.result()
 
@@ -319,7 +322,7 @@ class ParamsWriter:
 
     def abort(self) -> None:
         """Wait for writes in flight (so no background thread touches the directory afterwards)."""
-        for future, _ in self._pending:
+        for future, _, _ in self._pending:
             try:
                 future.result()
             except Exception:  # noqa: BLE001, S110 (the directory is being discarded)

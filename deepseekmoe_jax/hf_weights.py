@@ -58,26 +58,29 @@ def _same(x, c):
     return x
 
 
+# The transforms only move data (transposes, head splits). They return numpy views where possible and leave the
+# copy to the consumer, which can do it cheaply (a strided TensorStore write, a blocked copy): a plain
+# np.ascontiguousarray of a transposed [10944, 2048] matrix costs more than reading it from disk.
 def _t(x, c):
-    return np.ascontiguousarray(np.swapaxes(x, -1, -2))
+    return np.swapaxes(x, -1, -2)
 
 
 def _split_heads(n_heads: Callable[[DeepseekConfig], int]):
     def to_jax(w, c):  # [n * d, h] -> [h, n, d]
-        return np.ascontiguousarray(w.T).reshape(c.hidden_size, n_heads(c), c.head_dim)
+        return w.T.reshape(c.hidden_size, n_heads(c), c.head_dim)
 
     def to_hf(k, c):  # [h, n, d] -> [n * d, h]
-        return np.ascontiguousarray(k.reshape(c.hidden_size, -1).T)
+        return k.reshape(c.hidden_size, -1).T
 
     return to_jax, to_hf
 
 
 def _o_to_jax(w, c):  # [h, n * d] -> [n, d, h]
-    return np.ascontiguousarray(w.T).reshape(c.num_attention_heads, c.head_dim, c.hidden_size)
+    return w.T.reshape(c.num_attention_heads, c.head_dim, c.hidden_size)
 
 
 def _o_to_hf(k, c):  # [n, d, h] -> [h, n * d]
-    return np.ascontiguousarray(k.reshape(-1, c.hidden_size).T)
+    return k.reshape(-1, c.hidden_size).T
 
 
 def _bias_to_jax(n_heads):
@@ -303,7 +306,7 @@ def to_hf_state_dict(model: Any, dtype: Any = None) -> Iterator[tuple[str, np.nd
             arr = cache[target.path] = np.asarray(get_variable(model, target.path)[...])
         value = arr[target.index] if target.index else arr
         out = target.rule.to_hf(np.asarray(value), config)
-        yield key, (out.astype(dtype) if dtype is not None else out)
+        yield key, (out.astype(dtype) if dtype is not None else np.ascontiguousarray(out))
 
 
 def hf_keys_of_layer(keys: Iterable[str]) -> dict[int, list[str]]:
