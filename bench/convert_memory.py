@@ -9,7 +9,7 @@ Requirement checked: hf-to-jax peak RSS does not grow with the number of layers 
 i.e. memory is bounded by a layer, not by the model. The synthetic files are removed afterwards (``--keep`` keeps
 them). Usage::
 
-    python bench/convert_memory.py                      # 2 and 6 layers, files under ./bench-convert-tmp
+    python bench/convert_memory.py                      # 2 and 6 layers, files under $TMPDIR
     python bench/convert_memory.py --layers 2 6 --workdir /scratch/bench
 """
 
@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -147,7 +148,7 @@ def machine() -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, nargs="+", default=[2, 6])
-    p.add_argument("--workdir", default=os.path.join(ROOT, "bench-convert-tmp"))
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "deepseekmoe-convert-bench"))
     p.add_argument("--shard-size", default="2GB", help="source shard size (the 16B release uses ~4.7 GB)")
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     p.add_argument("--skip-back", action="store_true", help="do not run jax-to-hf")
@@ -185,9 +186,8 @@ def main() -> int:
     print("| command | layers | checkpoint (GB) | peak RSS (GiB) | time (s) | throughput (MB/s) |")
     print("|---|---|---|---|---|---|")
     for cmd, layers, nbytes, rss, seconds in rows:
-        print(
-            f"| {cmd} | {layers} | {nbytes / 1e9:.2f} | {rss / 2**30:.2f} | {seconds:.1f} | {nbytes / 1e6 / seconds:.0f} |"
-        )
+        rate = nbytes / 1e6 / seconds
+        print(f"| {cmd} | {layers} | {nbytes / 1e9:.2f} | {rss / 2**30:.2f} | {seconds:.1f} | {rate:.0f} |")
     print()
     ok = True
     for cmd in ("hf-to-jax", "jax-to-hf"):

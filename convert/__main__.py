@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(args.dir))
             return 0
 
-        from convert.common import versions_line
+        from convert.common import limit_heap_growth, versions_line
 
+        limit_heap_growth()
         log(versions_line())
         if args.command == "hf-to-jax":
             from convert.hf_to_jax import convert_hf_to_jax

@@ -11,6 +11,8 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
+import numpy as np
+
 from deepseekmoe_jax.config import DeepseekConfig
 
 DTYPE_CHOICES = ("bfloat16", "float32", "float16")
@@ -43,6 +45,22 @@ def _version(dist: str) -> str:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+def limit_heap_growth() -> None:
+    """Serve allocations of 1 MiB and more with their own memory maps, returned to the system when freed.
+
+    Streaming allocates and frees thousands of tensor-sized buffers on several threads; glibc's adaptive
+    threshold would move them onto the heap, where fragmentation makes the resident size creep up with every
+    layer converted. A fixed threshold keeps the peak independent of the model's depth. No-op off glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(1 << 20))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def versions_line(devices: bool = True) -> str:
@@ -159,6 +177,34 @@ def copy_side_files(src_dir: str, dst_dir: str, config: DeepseekConfig) -> list[
     return copied
 
 
+# Tensors above this size are moved in blocks of rows rather than whole (the 16B embedding and LM head are 400 MB
+# each in bfloat16; whole, they would set the peak memory of the conversion).
+BLOCK_BYTES = 64 * 2**20
+
+
+def row_axis(transform, config) -> int | None:
+    """For a 2-D tensor: the axis of the transformed tensor along which the source's rows run, if ``transform``
+    (a key-table ``to_jax``/``to_hf``) is the identity (0) or a transpose (1); otherwise None.
+
+    Found by applying the transform to a small probe, so it follows the key table rather than restating it.
+    """
+    probe = np.arange(12, dtype=np.float32).reshape(4, 3)
+    try:
+        out = np.asarray(transform(probe, config))
+    except (ValueError, TypeError):
+        return None
+    if out.shape == probe.shape and np.array_equal(out, probe):
+        return 0
+    if out.shape == probe.T.shape and np.array_equal(out, probe.T):
+        return 1
+    return None
+
+
+def row_blocks(rows: int, step: int) -> list[tuple[int, int]]:
+    step = max(1, step)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
 def progress_bar(total_bytes: int, total_tensors: int, desc: str, enabled: bool):
     """A tqdm bar counting bytes, with ``done/total tensors`` in its postfix."""
     from tqdm.auto import tqdm
@@ -176,9 +222,10 @@ def progress_bar(total_bytes: int, total_tensors: int, desc: str, enabled: bool)
     bar.total_tensors = total_tensors
     bar.tensors_done = 0
 
-    def step(nbytes: int) -> None:
-        bar.tensors_done += 1
-        bar.set_postfix_str(f"{bar.tensors_done}/{total_tensors} tensors", refresh=False)
+    def step(nbytes: int, tensor_done: bool = True) -> None:
+        if tensor_done:
+            bar.tensors_done += 1
+            bar.set_postfix_str(f"{bar.tensors_done}/{total_tensors} tensors", refresh=False)
         bar.update(nbytes)
 
     bar.step = step

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from convert import common
 from convert.common import (
     ConvertError,
     config_fields,
@@ -24,6 +25,8 @@ from convert.common import (
     human_bytes,
     log,
     progress_bar,
+    row_axis,
+    row_blocks,
     staging_dir,
 )
 from deepseekmoe_jax.checkpoint import PARAMS_DIR, ParamsWriter, leaf_path, write_config_files
@@ -112,6 +115,29 @@ def check_against_config(ckpt: HFCheckpoint, config: DeepseekConfig) -> dict[str
     return targets
 
 
+def _convert_tensor(ckpt, key, target, config, dtype, writer, bar) -> None:
+    """Read one HF tensor, transform it by its key-table rule and write it into its slice of the JAX leaf.
+
+    The cast happens while the tensor is contiguous; the layout transform then yields a (usually transposed) view
+    that the writer copies into its chunks with TensorStore's strided copy. Large global tensors (embedding, LM
+    head) whose rule is an identity or a transpose go through in blocks of rows, one output chunk at a time.
+    """
+    info = ckpt.tensors[key]
+    path = leaf_path(target.path)
+    axis = row_axis(target.rule.to_jax, config) if len(info.shape) == 2 and not target.index else None
+    if axis is None or info.nbytes <= common.BLOCK_BYTES:
+        value = ckpt.read(key).astype(dtype, copy=False)
+        writer.write(path, target.index, target.rule.to_jax(value, config))
+        bar.step(info.nbytes)
+        return
+    blocks = row_blocks(info.shape[0], writer.chunk_shape(path)[axis])
+    for n, (start, stop) in enumerate(blocks):
+        value = ckpt.read(key, (start, stop)).astype(dtype, copy=False)
+        index = (slice(start, stop),) if axis == 0 else (slice(None), slice(start, stop))
+        writer.write(path, index, target.rule.to_jax(value, config))
+        bar.step(info.nbytes * (stop - start) // info.shape[0], tensor_done=n == len(blocks) - 1)
+
+
 def read_hf_config(hf_dir: str) -> DeepseekConfig:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isdir(hf_dir):
@@ -167,12 +193,7 @@ def convert_hf_to_jax(
             bar = progress_bar(source_bytes, len(targets), "hf-to-jax", progress)
             try:
                 for key in iter_file_order(ckpt, targets):
-                    target = targets[key]
-                    # Cast while the tensor is contiguous; the layout transform then yields a (usually transposed)
-                    # view that the writer copies into its chunks with TensorStore's strided copy.
-                    value = ckpt.read(key).astype(target_dtype, copy=False)
-                    writer.write(leaf_path(target.path), target.index, target.rule.to_jax(value, config))
-                    bar.step(ckpt.tensors[key].nbytes)
+                    _convert_tensor(ckpt, key, targets[key], config, target_dtype, writer, bar)
                 writer.close()
             except BaseException:
                 writer.abort()

@@ -14,7 +14,17 @@ import json
 import os
 import time
 
-from convert.common import ConvertError, copy_side_files, human_bytes, log, progress_bar, staging_dir
+from convert import common
+from convert.common import (
+    ConvertError,
+    copy_side_files,
+    human_bytes,
+    log,
+    progress_bar,
+    row_axis,
+    row_blocks,
+    staging_dir,
+)
 from deepseekmoe_jax.checkpoint import ParamsReader, find_config_dir, leaf_path, read_config
 from deepseekmoe_jax.hf_io import (
     SAFE_INDEX,
@@ -39,6 +49,22 @@ class ExportSummary:
     total_bytes: int
     dtype: str
     seconds: float
+
+
+def _export_in_blocks(reader, path, planned, target, config, dtype, writer, bar) -> None:
+    """Write a large global tensor (embedding, LM head) whose rule is an identity or a transpose in blocks of HF
+    rows, each read as one region of the stored leaf (whole stored chunks where the layout allows)."""
+    axis = row_axis(target.rule.to_hf, config)
+    rows = planned.shape[0]
+    chunk = reader.chunk_shape(path)[axis]
+    step = max(1, common.BLOCK_BYTES // max(1, planned.nbytes // rows))
+    step = max(chunk, step // chunk * chunk) if chunk < rows else step
+    blocks = row_blocks(rows, step)
+    for n, (start, stop) in enumerate(blocks):
+        index = (slice(start, stop),) if axis == 0 else (slice(None), slice(start, stop))
+        value = reader.read(path, index).astype(dtype, copy=False)
+        writer.write(planned.key, target.rule.to_hf(value, config))
+        bar.step(planned.nbytes * (stop - start) // rows, tensor_done=n == len(blocks) - 1)
 
 
 def convert_jax_to_hf(
@@ -94,6 +120,9 @@ def convert_jax_to_hf(
                                 slab = reader.read(path, target.index[:1]).astype(out_dtype, copy=False)
                                 slab_key = (path, target.index[0])
                             value = slab[target.index[1:]] if len(target.index) > 1 else slab
+                        elif t.nbytes > common.BLOCK_BYTES and row_axis(target.rule.to_hf, config) is not None:
+                            _export_in_blocks(reader, path, t, target, config, out_dtype, writer, bar)
+                            continue
                         else:
                             value = reader.read(path).astype(out_dtype, copy=False)
                         writer.write(t.key, target.rule.to_hf(value, config))  # the writer makes it contiguous

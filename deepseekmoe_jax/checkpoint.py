@@ -285,11 +285,12 @@ class ParamsWriter:
         # each chunk is synced as it is written, which overlaps disk write-back with the conversion.
         self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "file_io_concurrency": {"limit": 128}})
         self._arrays = {}
+        self._chunks = {path: _chunk_shape(spec) for path, spec in specs.items()}
         for path, spec in specs.items():
             kvstore = {"driver": "file", "path": os.path.join(self.params_dir, leaf_name(path))}
             proxy_array = ts.open({"driver": "zarr", "kvstore": kvstore}, open=True, context=self._context).result()
             metadata = proxy_array.spec().to_json()["metadata"]
-            metadata.update(shape=list(spec.shape), chunks=list(_chunk_shape(spec)))
+            metadata.update(shape=list(spec.shape), chunks=list(self._chunks[path]))
             self._arrays[path] = ts.open(
                 {"driver": "zarr", "kvstore": kvstore, "metadata": metadata},
                 create=True,
@@ -297,13 +298,18 @@ class ParamsWriter:
                 context=self._context,
             ).result()
 
-    def write(self, path: LeafPath, index: tuple[int, ...], value: np.ndarray) -> None:
+    def chunk_shape(self, path: LeafPath) -> tuple[int, ...]:
+        return self._chunks[path]
+
+    def write(self, path: LeafPath, index: tuple[int | slice, ...], value: np.ndarray) -> None:
+        """Store ``value`` at ``leaf[index]`` (ints and slices, numpy style); any strides are fine."""
         spec = self.specs[path]
-        want = spec.shape[len(index) :]
-        if tuple(value.shape) != want or np.dtype(value.dtype) != spec.dtype:
-            raise AssertionError(f"{leaf_name(path)}{list(index)}: expected {want} {spec.dtype}, got {value.shape}")
-        array = self._arrays[path]
-        future = array[index].write(value) if index else array.write(value)
+        region = self._arrays[path][index] if index else self._arrays[path]
+        if tuple(value.shape) != tuple(region.shape) or np.dtype(value.dtype) != spec.dtype:
+            raise AssertionError(
+                f"{leaf_name(path)}{list(index)}: expected {tuple(region.shape)} {spec.dtype}, got {value.shape}"
+            )
+        future = region.write(value)
         # ``value`` (often a transposed view of a freshly read tensor) stays referenced until its write is done.
         self._pending.append((future, value.nbytes, value))
         self._pending_bytes += value.nbytes
@@ -432,8 +438,12 @@ class ParamsReader:
             self._open[path] = array
         return array
 
-    def read(self, path: LeafPath, index: tuple[int, ...] = ()) -> np.ndarray:
-        """``leaf[index]`` as a numpy array in the stored dtype."""
+    def chunk_shape(self, path: LeafPath) -> tuple[int, ...]:
+        """The stored chunk shape of a leaf (reading whole chunks avoids decoding one twice)."""
+        return tuple(self._array(path).chunk_layout.read_chunk.shape)
+
+    def read(self, path: LeafPath, index: tuple[int | slice, ...] = ()) -> np.ndarray:
+        """``leaf[index]`` (ints and slices, numpy style) as a numpy array in the stored dtype."""
         array = self._array(path)
         try:
             return np.asarray((array[index] if index else array).read().result())

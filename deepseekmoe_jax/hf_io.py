@@ -213,19 +213,25 @@ class SafetensorsFile:
                 )
         return TensorInfo(key, self.name, tuple(shape), str(dtype), nbytes, data_start + offsets[0])
 
-    def read(self, key: str) -> np.ndarray:
-        """The tensor ``key`` as a new numpy array (read with one positioned read; the file is not mapped)."""
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor ``key`` (or its rows ``start:stop`` along the first dimension) as a new numpy array, read
+        with one positioned read; the file is not mapped."""
         info = self.tensors[key]
         if not info.readable:
             raise unreadable_dtype_error(info, self.path)
         if self._file is None:
             self._file = open(self.path, "rb")  # noqa: SIM115 (kept open across reads, closed by close())
-        buf = np.empty(info.nbytes, np.uint8)
-        self._file.seek(info.offset)
+        shape, offset, nbytes = info.shape, info.offset, info.nbytes
+        if rows is not None:
+            row_bytes = math.prod(shape[1:]) * info.numpy_dtype.itemsize
+            shape = (rows[1] - rows[0], *shape[1:])
+            offset, nbytes = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        buf = np.empty(nbytes, np.uint8)
+        self._file.seek(offset)
         got = self._file.readinto(memoryview(buf))
-        if got != info.nbytes:
-            raise self._fail(f"{key!r}: expected {info.nbytes} bytes, read {got}; the file changed or is truncated")
-        return buf.view(info.numpy_dtype).reshape(info.shape)
+        if got != nbytes:
+            raise self._fail(f"{key!r}: expected {nbytes} bytes, read {got}; the file changed or is truncated")
+        return buf.view(info.numpy_dtype).reshape(shape)
 
     def close(self) -> None:
         if self._file is not None:
@@ -306,13 +312,15 @@ class TorchBinFile:
             "truncated or corrupt: re-download it"
         )
 
-    def read(self, key: str) -> np.ndarray:
-        """The tensor ``key`` copied into a new numpy array; its mapped pages are then released."""
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor ``key`` (or rows ``start:stop`` of it) copied into a new numpy array; the mapped pages of
+        the whole tensor are released once its last row has been read."""
         info = self.tensors[key]
         if not info.readable:
             raise unreadable_dtype_error(info, self.path)
         torch = self._torch
-        t = self._state[key]
+        full = self._state[key]
+        t = full if rows is None else full[rows[0] : rows[1]]
         try:
             if t.dtype == torch.bfloat16:
                 arr = np.array(t.contiguous().view(torch.int16).numpy()).view(ml_dtypes.bfloat16)
@@ -320,8 +328,8 @@ class TorchBinFile:
                 arr = np.array(t.contiguous().numpy())
         except RuntimeError as e:  # data beyond a truncated archive surfaces here
             raise self._corrupt(e) from None
-        if self.mapped:
-            self._release(t)
+        if self.mapped and (rows is None or rows[1] == info.shape[0]):
+            self._release(full)
         return arr
 
     @staticmethod
@@ -428,9 +436,10 @@ class HFCheckpoint:
     def path(self, key: str) -> str:
         return os.path.join(self.directory, self.tensors[key].file)
 
-    def read(self, key: str) -> np.ndarray:
-        """Tensor ``key`` as a numpy array in its stored dtype (bfloat16 as ``ml_dtypes.bfloat16``)."""
-        return self._readers[self.tensors[key].file].read(key)
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor ``key`` as a numpy array in its stored dtype (bfloat16 as ``ml_dtypes.bfloat16``); with
+        ``rows=(start, stop)`` only that range of its first dimension."""
+        return self._readers[self.tensors[key].file].read(key, rows)
 
     def close(self) -> None:
         for r in self._readers.values():
@@ -509,13 +518,15 @@ class SafetensorsWriter:
     """Writes one safetensors file tensor by tensor: the header (all shapes and dtypes are known up front) first,
     then each tensor's bytes as it is produced, so only one tensor is ever held.
 
-    Use as a context manager; `write` must be called once per planned tensor, in plan order.
+    Use as a context manager; `write` is called in plan order with each whole tensor, or with consecutive blocks
+    of its rows (first dimension), so a large tensor need not be held at once either.
     """
 
     def __init__(self, path: str, tensors: Sequence[PlannedTensor], metadata: dict[str, str] | None = None):
         self.path = path
         self._plan = list(tensors)
         self._next = 0
+        self._rows_done = 0
         header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         for t in self._plan:
@@ -532,14 +543,24 @@ class SafetensorsWriter:
 
     def write(self, key: str, value: np.ndarray) -> None:
         t = self._plan[self._next]
-        if key != t.key or tuple(value.shape) != t.shape or np.dtype(value.dtype) != t.dtype:
+        shape = tuple(value.shape)
+        rows = shape[0] if t.shape else 1
+        if (
+            key != t.key
+            or np.dtype(value.dtype) != t.dtype
+            or (shape != t.shape and (not t.shape or shape[1:] != t.shape[1:]))
+            or self._rows_done + rows > (t.shape[0] if t.shape else 1)
+        ):
             raise AssertionError(
-                f"{self.path}: tensor {self._next} must be {t.key} {t.shape} {t.dtype}, "
-                f"got {key} {tuple(value.shape)} {value.dtype}"
+                f"{self.path}: tensor {self._next} must be {t.key} {t.shape} {t.dtype} (rows from "
+                f"{self._rows_done}), got {key} {shape} {value.dtype}"
             )
         arr = contiguous(value)
         self._file.write(memoryview(arr.reshape(-1).view(np.uint8)))
-        self._next += 1
+        self._rows_done += rows
+        if self._rows_done == (t.shape[0] if t.shape else 1):
+            self._next += 1
+            self._rows_done = 0
 
     def close(self) -> None:
         self._file.close()

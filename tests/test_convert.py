@@ -184,6 +184,31 @@ def test_round_trip_from_bin_layout(variants, tmp_path):
     assert os.listdir(out).count("model.safetensors") == 1  # everything fits in one shard: no index
 
 
+def test_large_tensors_stream_in_row_blocks(variants, tmp_path, monkeypatch):
+    """With tiny block and chunk sizes the embedding and LM head (an identity and a transpose in the key table)
+    go through in blocks of rows, both ways, with the same result as whole-tensor conversion."""
+    import orbax.checkpoint as ocp
+
+    import convert.common
+    import deepseekmoe_jax.checkpoint
+
+    monkeypatch.setattr(convert.common, "BLOCK_BYTES", 1000)
+    monkeypatch.setattr(deepseekmoe_jax.checkpoint, "_CHUNK_TARGET_BYTES", 2000)
+    v = variants["moe_shared"]
+    blocked = str(tmp_path / "jax")
+    assert main(["hf-to-jax", v.hf_dir, blocked, "--no-progress"]) == 0
+    with open(os.path.join(blocked, PARAMS_DIR, "lm_head", ".zarray")) as f:
+        chunks = json.load(f)["chunks"]
+    assert chunks[1] < v.config.vocab_size  # several blocks of HF rows (= vocab columns of the JAX kernel)
+    a = ocp.StandardCheckpointer().restore(os.path.join(blocked, PARAMS_DIR))
+    b = ocp.StandardCheckpointer().restore(os.path.join(v.jax_dir, PARAMS_DIR))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert main(["jax-to-hf", blocked, str(tmp_path / "hf"), "--no-progress"]) == 0
+    original, back = load_hf_tensors(v.hf_dir), load_hf_tensors(str(tmp_path / "hf"))
+    assert sorted(original) == sorted(back) and all(same_bits(original[k], back[k]) for k in original)
+
+
 def test_jax_to_hf_dtype_override(variants, tmp_path):
     v = variants["moe_bf16"]
     out = str(tmp_path / "f32")
@@ -192,7 +217,7 @@ def test_jax_to_hf_dtype_override(variants, tmp_path):
     assert all(back[k].dtype == torch.float32 and torch.equal(back[k], original[k].float()) for k in original)
 
 
-def test_training_checkpoint_to_hf(tmp_path):
+def test_training_checkpoint_to_hf(tmp_path, capsys):
     """A training-run layout (RUN/config.json, RUN/checkpoints/<step>/params written by Orbax with OCDBT, the
     default) exports to exactly `to_hf_state_dict` of the model."""
     from deepseekmoe_jax.checkpoint import save_params
@@ -212,6 +237,10 @@ def test_training_checkpoint_to_hf(tmp_path):
     assert sorted(back) == sorted(want)
     for key, value in want.items():
         np.testing.assert_array_equal(back[key].numpy(), value, err_msg=key)
+    capsys.readouterr()
+    assert main(["inspect", str(step)]) == 0
+    text = capsys.readouterr().out
+    assert "training checkpoint step" in text and "OCDBT" in text and str(run / "config.json") in text
 
 
 def test_save_checkpoint_round_trips_through_hf(tmp_path):
