@@ -3,7 +3,7 @@
 Writes synthetic HF checkpoints with the real 16B tensor shapes (hidden 2048, 64 routed experts of width 1408,
 2 shared experts, dense layer 0 of width 10944, vocab 102400, 16 heads; bfloat16, safetensors shards with an
 index) but only a few layers, converts each with ``python -m convert hf-to-jax`` in a child process and back with
-``jax-to-hf``, and reports each child's peak resident memory (``ru_maxrss`` from ``wait4``), time and MB/s.
+``jax-to-hf``, and reports each child's peak resident memory (its own ``VmHWM``), time and MB/s.
 
 Requirement checked: hf-to-jax peak RSS does not grow with the number of layers (within 10%) and stays under 4 GB,
 i.e. memory is bounded by a layer, not by the model. The synthetic files are removed afterwards (``--keep`` keeps
@@ -103,25 +103,44 @@ def synthetic_checkpoint(directory: str, layers: int, shard_bytes: int, seed: in
     return sum(t.nbytes for t in plan)
 
 
-def run_child(args: list[str]) -> tuple[float, float, str]:
+# Runs ``python -m convert ARGS`` and, on exit, writes the process's own peak resident size (VmHWM, which belongs
+# to the memory image created by exec) to the file named by the last argument. ``ru_maxrss`` from wait4 would
+# not do: it also counts the parent's pages at fork time, i.e. this benchmark process.
+_CHILD = """
+import runpy, sys
+out = sys.argv.pop()
+sys.argv[0] = "convert"
+try:
+    runpy.run_module("convert", run_name="__main__", alter_sys=True)
+finally:
+    with open("/proc/self/status") as f:
+        hwm = next(line.split()[1] for line in f if line.startswith("VmHWM"))
+    with open(out, "w") as f:
+        f.write(hwm)
+"""
+
+
+def run_child(args: list[str], workdir: str) -> tuple[float, float, str]:
     """Run ``python -m convert ARGS``; returns (seconds, peak RSS in bytes, stderr)."""
+    os.sync()  # start from a quiet disk: write-back of earlier steps would slow this child's writes
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    hwm_file = os.path.join(workdir, "child-vmhwm")
     start = time.time()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "convert", *args, "--no-progress"],
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, *args, "--no-progress", hwm_file],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.time() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise SystemExit(f"child failed ({proc.returncode}): {' '.join(args)}\n{err}")
-    return seconds, usage.ru_maxrss * 1024.0, err  # ru_maxrss is in KiB on Linux
+        raise SystemExit(f"child failed ({proc.returncode}): {' '.join(args)}\n{proc.stderr}")
+    with open(hwm_file) as f:
+        peak = int(f.read()) * 1024.0  # kB
+    os.remove(hwm_file)
+    return seconds, peak, proc.stderr
 
 
 def spot_check(src: str, back: str) -> None:
@@ -167,11 +186,11 @@ def main() -> int:
             t = time.time()
             nbytes = synthetic_checkpoint(src, layers, parse_size(args.shard_size))
             print(f"[{layers} layers] synthetic checkpoint {nbytes / 1e9:.2f} GB written in {time.time() - t:.0f} s")
-            seconds, rss, _ = run_child(["hf-to-jax", src, jax_dir])
+            seconds, rss, _ = run_child(["hf-to-jax", src, jax_dir], args.workdir)
             rows.append(("hf-to-jax", layers, nbytes, rss, seconds))
             print(f"[{layers} layers] hf-to-jax: {seconds:.1f} s, peak RSS {rss / 2**30:.2f} GiB")
             if not args.skip_back:
-                seconds, rss, _ = run_child(["jax-to-hf", jax_dir, back])
+                seconds, rss, _ = run_child(["jax-to-hf", jax_dir, back], args.workdir)
                 rows.append(("jax-to-hf", layers, nbytes, rss, seconds))
                 print(f"[{layers} layers] jax-to-hf: {seconds:.1f} s, peak RSS {rss / 2**30:.2f} GiB")
                 spot_check(src, back)

@@ -179,7 +179,7 @@ def copy_side_files(src_dir: str, dst_dir: str, config: DeepseekConfig) -> list[
 
 # Tensors above this size are moved in blocks of rows rather than whole (the 16B embedding and LM head are 400 MB
 # each in bfloat16; whole, they would set the peak memory of the conversion).
-BLOCK_BYTES = 64 * 2**20
+BLOCK_BYTES = 16 * 2**20
 
 
 def row_axis(transform, config) -> int | None:

@@ -169,7 +169,8 @@ def convert_hf_to_jax(
       overwrite: replace an existing ``out_dir`` (only once the new one is complete).
       progress: show a tqdm progress bar (bytes and tensors).
 
-    Peak memory is one tensor plus at most 256 MiB of writes in flight, whatever the model's depth.
+    Peak memory is one tensor (or one 16 MiB block of the embedding / LM head) plus at most 128 MiB of writes in
+    flight (held about three times over while being copied and compressed), whatever the model's depth.
     """
     start = time.time()
     hf_dir = os.path.abspath(hf_dir)

@@ -9,10 +9,13 @@ is produced (`deepseekmoe_jax.hf_io.SafetensorsWriter`), so memory stays at abou
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
 import time
+from collections.abc import Iterator
+from typing import Any
 
 from convert import common
 from convert.common import (
@@ -39,6 +42,7 @@ from deepseekmoe_jax.hf_io import (
 from deepseekmoe_jax.hf_weights import hf_key_shapes, iter_targets
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", the size HF's save_pretrained uses
+READ_AHEAD_BYTES = 64 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,20 +55,83 @@ class ExportSummary:
     seconds: float
 
 
-def _export_in_blocks(reader, path, planned, target, config, dtype, writer, bar) -> None:
-    """Write a large global tensor (embedding, LM head) whose rule is an identity or a transpose in blocks of HF
-    rows, each read as one region of the stored leaf (whole stored chunks where the layout allows)."""
-    axis = row_axis(target.rule.to_hf, config)
-    rows = planned.shape[0]
-    chunk = reader.chunk_shape(path)[axis]
-    step = max(1, common.BLOCK_BYTES // max(1, planned.nbytes // rows))
-    step = max(chunk, step // chunk * chunk) if chunk < rows else step
-    blocks = row_blocks(rows, step)
-    for n, (start, stop) in enumerate(blocks):
-        index = (slice(start, stop),) if axis == 0 else (slice(None), slice(start, stop))
-        value = reader.read(path, index).astype(dtype, copy=False)
-        writer.write(planned.key, target.rule.to_hf(value, config))
-        bar.step(planned.nbytes * (stop - start) // rows, tensor_done=n == len(blocks) - 1)
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    """One write into the output: ``take`` of the region ``read`` of leaf ``path``, transformed by ``to_hf``; the
+    whole HF tensor ``key`` or one block of its rows (``last`` marks its final block)."""
+
+    key: str
+    path: tuple[str, ...]
+    read: tuple
+    take: tuple | None
+    to_hf: Any
+    nbytes: int
+    last: bool
+
+
+def _pieces(reader: ParamsReader, plan: list[PlannedTensor], targets: dict, config) -> Iterator[_Piece]:
+    """The reads that produce the HF tensors in ``plan`` order.
+
+    Stacked leaves are read per expert where each expert is stored in its own chunks (the converted layout), else
+    one layer's slab at a time (training layouts chunk across experts), shared by that layer's experts. Large
+    global tensors (embedding, LM head) whose rule is an identity or a transpose are read in blocks of HF rows,
+    aligned to the stored chunks where possible.
+    """
+    for t in plan:
+        target = targets[t.key]
+        path = leaf_path(target.path)
+        to_hf = target.rule.to_hf
+        if target.index:
+            per_item = len(target.index) > 1 and reader.chunk_shape(path)[1] == 1
+            read = target.index if per_item else target.index[:1]
+            take = None if per_item or len(target.index) == 1 else target.index[1:]
+            yield _Piece(t.key, path, read, take, to_hf, t.nbytes, True)
+            continue
+        axis = row_axis(to_hf, config) if len(t.shape) == 2 and t.nbytes > common.BLOCK_BYTES else None
+        if axis is None:
+            yield _Piece(t.key, path, (), None, to_hf, t.nbytes, True)
+            continue
+        rows = t.shape[0]
+        chunk = reader.chunk_shape(path)[axis]
+        step = max(1, common.BLOCK_BYTES // max(1, t.nbytes // rows))
+        step = max(chunk, step // chunk * chunk) if chunk < rows else step
+        blocks = row_blocks(rows, step)
+        for n, (a, b) in enumerate(blocks):
+            region = (slice(a, b),) if axis == 0 else (slice(None), slice(a, b))
+            yield _Piece(t.key, path, region, None, to_hf, t.nbytes * (b - a) // rows, n == len(blocks) - 1)
+
+
+def _read_ahead(reader: ParamsReader, pieces: Iterator[_Piece], ahead_bytes: int) -> Iterator[tuple[_Piece, Any]]:
+    """Yield each piece with its region as a numpy array, keeping reads of the next pieces (up to ``ahead_bytes``)
+    in flight so that decompression and disk reads overlap with writing. Consecutive pieces reading the same
+    region share one read."""
+    queue: collections.deque = collections.deque()  # (piece, future or None when sharing the previous read)
+    in_flight = 0
+    last_read = None
+    pieces = iter(pieces)
+    exhausted = False
+    current = None
+    while True:
+        while not exhausted and (not queue or in_flight < ahead_bytes):
+            piece = next(pieces, None)
+            if piece is None:
+                exhausted = True
+                break
+            if (piece.path, piece.read) == last_read:
+                queue.append((piece, None, 0))
+                continue
+            future, nbytes = reader.read_async(piece.path, piece.read)
+            last_read = (piece.path, piece.read)
+            queue.append((piece, future, nbytes))
+            in_flight += nbytes
+        if not queue:
+            return
+        piece, future, nbytes = queue.popleft()
+        if future is not None:
+            current = None  # release the previous region before waiting for the next
+            current = reader.result(piece.path, piece.read, future)
+            in_flight -= nbytes
+        yield piece, current
 
 
 def convert_jax_to_hf(
@@ -107,26 +174,18 @@ def convert_jax_to_hf(
     )
     with staging_dir(out_dir, overwrite=overwrite, inputs=(ckpt_dir, config_dir)) as tmp:
         bar = progress_bar(total, len(plan), "jax-to-hf", progress)
-        slab_key, slab = None, None  # one layer's slice of one stacked leaf, shared by that layer's experts
+        pieces = _read_ahead(reader, _pieces(reader, plan, targets, config), READ_AHEAD_BYTES)
         try:
             for shard, name in zip(shards, names, strict=True):
                 with SafetensorsWriter(os.path.join(tmp, name), shard) as writer:
-                    for t in shard:
-                        target = targets[t.key]
-                        path = leaf_path(target.path)
-                        if target.index:
-                            if slab_key != (path, target.index[0]):
-                                slab_key, slab = None, None  # release the previous slab before reading the next
-                                slab = reader.read(path, target.index[:1]).astype(out_dtype, copy=False)
-                                slab_key = (path, target.index[0])
-                            value = slab[target.index[1:]] if len(target.index) > 1 else slab
-                        elif t.nbytes > common.BLOCK_BYTES and row_axis(target.rule.to_hf, config) is not None:
-                            _export_in_blocks(reader, path, t, target, config, out_dtype, writer, bar)
-                            continue
-                        else:
-                            value = reader.read(path).astype(out_dtype, copy=False)
-                        writer.write(t.key, target.rule.to_hf(value, config))  # the writer makes it contiguous
-                        bar.step(t.nbytes)
+                    done = 0
+                    while done < len(shard):
+                        piece, region = next(pieces)
+                        value = region if piece.take is None else region[piece.take]
+                        value = piece.to_hf(value.astype(out_dtype, copy=False), config)
+                        writer.write(piece.key, value)  # the writer makes it contiguous
+                        bar.step(piece.nbytes, tensor_done=piece.last)
+                        done += piece.last
         finally:
             bar.close()
         if len(shards) > 1:

@@ -1,5 +1,6 @@
 """deepseekmoe_jax: DeepSeekMoE in JAX / Flax NNX."""
 
+from deepseekmoe_jax.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from deepseekmoe_jax.config import ConfigError, DeepseekConfig, ModelOptions
 from deepseekmoe_jax.model import (
     CausalLMOutput,
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CausalLMOutput",
+    "CheckpointError",
     "ConfigError",
     "DeepseekConfig",
     "DeepseekForCausalLM",
@@ -24,6 +26,8 @@ __all__ = [
     "ModelOptions",
     "ModelOutput",
     "layer_plan",
+    "load_checkpoint",
     "locate_layer",
     "param_count",
+    "save_checkpoint",
 ]

@@ -236,12 +236,13 @@ def _nested(flat: dict[LeafPath, Any], like: Any) -> Any:
     )
 
 
-_CHUNK_TARGET_BYTES = 64 * 2**20
+_CHUNK_TARGET_BYTES = 16 * 2**20
 
 
 def _chunk_shape(spec: LeafSpec) -> tuple[int, ...]:
     """One chunk per layer (and per expert) so that every HF tensor fills whole chunks; other dimensions are cut
-    until a chunk is at most 64 MiB (the embedding and LM head), so no single chunk has to be held whole."""
+    until a chunk is at most 16 MiB (the embedding, the LM head, the dense MLP), so that no large chunk has to be
+    held whole while it is compressed."""
     chunk = [1 if ax in ("layers", "expert") else d for ax, d in zip(spec.axes, spec.shape, strict=True)]
     while math.prod(chunk) * spec.dtype.itemsize > _CHUNK_TARGET_BYTES:
         i = max(range(len(chunk)), key=lambda k: chunk[k])
@@ -266,7 +267,7 @@ class ParamsWriter:
     once, and checks with Orbax's own metadata reader that shapes and dtypes are those of the model.
     """
 
-    def __init__(self, params_dir: str, config: DeepseekConfig, *, max_pending_bytes: int = 2**28):
+    def __init__(self, params_dir: str, config: DeepseekConfig, *, max_pending_bytes: int = 2**27):
         import orbax.checkpoint as ocp
 
         ts = _ts()
@@ -444,9 +445,18 @@ class ParamsReader:
 
     def read(self, path: LeafPath, index: tuple[int | slice, ...] = ()) -> np.ndarray:
         """``leaf[index]`` (ints and slices, numpy style) as a numpy array in the stored dtype."""
+        future, _ = self.read_async(path, index)
+        return self.result(path, index, future)
+
+    def read_async(self, path: LeafPath, index: tuple[int | slice, ...] = ()) -> tuple[Any, int]:
+        """Start reading ``leaf[index]``; returns (future, bytes). Pass the future to `result`."""
         array = self._array(path)
+        region = array[index] if index else array
+        return region.read(), math.prod(region.shape) * self.dtype(path).itemsize
+
+    def result(self, path: LeafPath, index: tuple, future) -> np.ndarray:
         try:
-            return np.asarray((array[index] if index else array).read().result())
+            return np.asarray(future.result())
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{self.params_dir}: cannot read {leaf_name(path)}{list(index)} ({e})") from None
 
