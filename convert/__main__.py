@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         "torch and transformers) and JAX_DIR into the JAX model, run random token batches through both in "
         "float32 and report max |logit difference| relative to max |logit|. Exits 1 above --tolerance. "
         "--num-layers N checks the embedding, the first N layers, the final norm and the head, so that a 16B "
-        "checkpoint fits in memory (N=2 needs about 16 GB).",
+        "checkpoint fits in memory (16B: about 6 GB for N=1 plus 5.5 GB per further layer).",
         epilog="example:\n  deepseekmoe-convert verify ~/models/deepseek-moe-16b-base "
         "~/models/deepseek-moe-16b-base-jax --num-layers 2\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,

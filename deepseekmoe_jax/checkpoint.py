@@ -281,7 +281,10 @@ class ParamsWriter:
         self._written = dict.fromkeys(specs, 0)
         proxy = _nested({p: np.zeros((1,) * len(s.shape), s.dtype) for p, s in specs.items()}, like)
         handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
-        ocp.Checkpointer(handler).save(self.params_dir, args=ocp.args.PyTreeSave(proxy))
+        try:
+            ocp.Checkpointer(handler).save(self.params_dir, args=ocp.args.PyTreeSave(proxy))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{self.params_dir}: cannot create the checkpoint ({e})") from None
         # No chunk cache (every chunk is written once) and many concurrent file writes, as Orbax configures them;
         # each chunk is synced as it is written, which overlaps disk write-back with the conversion.
         self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "file_io_concurrency": {"limit": 128}})
@@ -321,7 +324,10 @@ class ParamsWriter:
     def _wait_oldest(self) -> None:
         future, nbytes, _ = self._pending.pop(0)
         self._pending_bytes -= nbytes
-        future.result()
+        try:
+            future.result()
+        except Exception as e:  # noqa: BLE001 (TensorStore reports I/O failures such as a full disk as ValueError)
+            raise CheckpointError(f"{self.params_dir}: writing failed ({e})") from None
 
     def flush(self) -> None:
         while self._pending:

@@ -151,8 +151,16 @@ class SafetensorsFile:
                 raw = f.read(n)
         except OSError as e:
             raise self._fail(f"cannot read ({e.strerror or e})") from None
+
+        def no_duplicates(pairs):
+            keys = [k for k, _ in pairs]
+            dup = next((k for k in keys if keys.count(k) > 1), None) if len(set(keys)) < len(keys) else None
+            if dup is not None:
+                raise self._fail(f"header lists tensor {dup!r} twice; the file is corrupt: re-download it")
+            return dict(pairs)
+
         try:
-            header = json.loads(raw.decode("utf-8"))
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise self._fail(f"header is not valid JSON ({e}); the file is corrupt: re-download it") from None
         if not isinstance(header, dict):

@@ -136,7 +136,12 @@ def test_plain_orbax_restore_and_stacked_layout(variants):
 def test_default_dtype_follows_torch_dtype(variants):
     model = load_checkpoint(variants["moe_bf16"].jax_dir)
     assert model.config.options.param_dtype == "bfloat16"
-    assert model.model.embed_tokens[...].dtype == jnp.bfloat16
+    w_up = model.model.segments[1].layers[0].mlp.experts.w_up[...]
+    assert w_up.dtype == jnp.bfloat16
+    wide = load_checkpoint(variants["moe_bf16"].jax_dir, dtype="float32")  # widened on restore, exactly
+    w_up32 = wide.model.segments[1].layers[0].mlp.experts.w_up[...]
+    assert w_up32.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(w_up32), np.asarray(w_up).astype(np.float32))
 
 
 @pytest.mark.parametrize("name", ROUND_TRIPS)

@@ -154,6 +154,22 @@ def test_header_offsets_overlap(hf, capsys):
     assert "model-00003-of-00003.safetensors" in msg and ("overlaps" in msg or "gap" in msg) and "corrupt" in msg
 
 
+def test_header_lists_a_tensor_twice(hf, capsys):
+    path = shard(hf, 1)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n).decode()
+        data = f.read()
+    key = key_in_shard(hf, 1, "layers.0")
+    entry = json.dumps({key: json.loads(raw)[key]})[1:-1]  # '"key": {...}', prepended to the original entries
+    raw = "{" + entry + "," + raw[1:]
+    raw += " " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw.encode() + data)
+    msg = convert_fails(capsys, hf)
+    assert key in msg and "twice" in msg
+
+
 def test_header_not_json(hf, capsys):
     with open(shard(hf, 1), "r+b") as f:
         f.seek(8)
