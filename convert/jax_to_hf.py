@@ -3,8 +3,9 @@
 The output is the DeepSeekMoE v1 layout (per-expert keys, torch ``[out, in]`` weights) as safetensors shards of at
 most ``max_shard_size`` with ``model.safetensors.index.json`` (one ``model.safetensors`` when everything fits in one
 shard), ``config.json`` with ``model_type: "deepseek"``, and the tokenizer files. Parameters are read one layer
-slice at a time (`deepseekmoe_jax.checkpoint.ParamsReader`) and each tensor is appended to its shard as soon as it
-is produced (`deepseekmoe_jax.hf_io.SafetensorsWriter`), so memory stays at about one stacked leaf of one layer.
+slice at a time (`deepseekmoe_jax.checkpoint.ParamsReader`), with a bounded read-ahead, and each tensor is appended
+to its shard as soon as it is produced (`deepseekmoe_jax.hf_io.SafetensorsWriter`), so memory does not depend on
+the model's size.
 """
 
 from __future__ import annotations

@@ -262,9 +262,10 @@ class ParamsWriter:
     """Write an Orbax ``params/`` checkpoint of a model slice by slice (see the module docstring).
 
     ``write(path, index, value)`` stores ``value`` at ``leaf[index]`` (``index`` = ``(repeat,)`` or
-    ``(repeat, expert)`` for stacked layers, ``()`` for a whole leaf). Writes run in the background with at most
-    ``max_pending_bytes`` in flight. `close` waits, checks that every element of every leaf was written exactly
-    once, and checks with Orbax's own metadata reader that shapes and dtypes are those of the model.
+    ``(repeat, expert)`` for stacked layers, ``()`` for a whole leaf, slices for a block of one). Writes run in
+    the background with at most ``max_pending_bytes`` (default 128 MiB) in flight. `close` waits, checks that
+    every element of every leaf was written exactly once, and checks with Orbax's own metadata reader that shapes
+    and dtypes are those of the model.
     """
 
     def __init__(self, params_dir: str, config: DeepseekConfig, *, max_pending_bytes: int = 2**27):
