@@ -214,7 +214,8 @@ class DeepseekModel(nnx.Module):
         c = self.config
         b, t = input_ids.shape
         dt = jnp.dtype(c.options.dtype)
-        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dt)  # [B, T, H]
+        table = constrain(self.embed_tokens[...], ("vocab", None))
+        x = jnp.take(table, input_ids, axis=0).astype(dt)  # [B, T, H]
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))

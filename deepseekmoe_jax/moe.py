@@ -134,6 +134,8 @@ class MoEGate(nnx.Module):
     def __call__(self, x: Array) -> Routing:
         # float32 routing: a bf16 logit can flip a near-tie top-k choice, and the softmax feeds the balance loss.
         logits = jnp.einsum("...h,he->...e", x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+        if logits.ndim == 3:  # [b, t, e]: keep the routing with its tokens (else XLA may gather all scores for top_k)
+            logits = constrain(logits, ("act_batch", "act_length", None))
         return route(logits, self.config.num_experts_per_tok, self.config.norm_topk_prob)
 
 
@@ -211,11 +213,18 @@ class MoEBlock(nnx.Module):
             indices.reshape(g, s, k), weights.reshape(g, s, k), valid.reshape(g, s), e, cap, x.dtype
         )
 
+        # Dispatch and combine run where the groups are (both einsums local); only the expert computation sees the
+        # expert-sharded layout, and moving into and out of it is an all-to-all over the 'expert' mesh axis.
+        # Without the group-layout constraints XLA may all-gather tokens and all-reduce outputs instead.
+        dispatch = constrain(dispatch, ("act_group", None, None, None))
+        combine = constrain(combine, ("act_group", None, None, None))
         dt = x.dtype
         x_e = jnp.einsum("gsec,gsh->egch", dispatch.astype(dt), xg)  # [e, g, c, h]
+        x_e = constrain(x_e, (None, "act_group", "act_capacity", "act_embed"))
         x_e = constrain(x_e, ("act_expert", "act_expert_group", "act_capacity", "act_embed"))
         y_e = self.experts(x_e)  # [e, g, c, h]
         y_e = constrain(y_e, ("act_expert", "act_expert_group", "act_capacity", "act_embed"))
+        y_e = constrain(y_e, (None, "act_group", "act_capacity", "act_embed"))  # back to the groups' layout
         y = jnp.einsum("gsec,egch->gsh", combine, y_e)  # [g, s, h]
         y = constrain(y, ("act_group", None, "act_embed"))
         y = y.reshape(b, t_pad, h)[:, :t]  # [b, t, h]
