@@ -12,6 +12,13 @@ import pytest  # noqa: E402
 
 from deepseekmoe_jax import DeepseekConfig  # noqa: E402
 
+try:  # tiny reference models gain nothing from intra-op threads, and threads contend with XLA's on 2 cores
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover - torch is a test dependency
+    pass
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # A small MoE config: 1 dense layer then 3 MoE layers, 8 experts top-2, one shared expert.
