@@ -52,3 +52,19 @@ def repo_root() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tiny_config() -> DeepseekConfig:
     return DeepseekConfig.from_file(ROOT / "configs" / "tiny.yaml")
+
+
+def jit_forward(model, ids, mask=None, **kwargs):
+    """``model(ids, mask, **kwargs)`` compiled (eager NNX calls compile every op separately, which is slow on CPU)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    key = (graphdef, tuple(sorted(kwargs.items())))
+    fn = _FORWARDS.get(key)
+    if fn is None:
+        fn = _FORWARDS[key] = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m, **kwargs))
+    return fn(state, ids, mask)
+
+
+_FORWARDS: dict = {}

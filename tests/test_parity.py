@@ -6,10 +6,10 @@ Tolerance: max |diff| <= 1e-4 x max |logit| in the exact no-drop mode (evaluatio
 import numpy as np
 import pytest
 import torch
-from conftest import small_config
+from conftest import jit_forward, small_config
 from torch_spec import SpecMoE, spec_expert_loss
 
-from deepseekmoe_jax.hf_weights import load_hf_state_dict
+from deepseekmoe_jax.hf_weights import model_from_hf_state_dict
 from deepseekmoe_jax.model import moe_layer_indices
 from deepseekmoe_jax.reference import (
     build_reference,
@@ -91,40 +91,38 @@ def _spec_state_dict(ref, config):
 def test_norm_topk_prob_against_spec_block(norm_topk_prob):
     """transformers never renormalises the top-k weights, so this compares with the spec's own block."""
     import jax.numpy as jnp
-    from flax import nnx
-
-    from deepseekmoe_jax import DeepseekForCausalLM
 
     config = small_config(norm_topk_prob=norm_topk_prob, num_experts_per_tok=3)
     ref = _spec_reference(config, seed=4)
-    model = DeepseekForCausalLM(config, rngs=nnx.Rngs(0))
-    load_hf_state_dict(model, _spec_state_dict(ref, config))
+    model = model_from_hf_state_dict(config, _spec_state_dict(ref, config))
     ids = np.random.default_rng(4).integers(0, config.vocab_size, (2, 8))
-    diff = relative_max_diff(reference_logits(ref, ids), np.asarray(model(jnp.asarray(ids)).logits))
+    diff = relative_max_diff(reference_logits(ref, ids), np.asarray(jit_forward(model, jnp.asarray(ids)).logits))
     assert diff <= TOL
 
 
-def test_summed_aux_loss_matches_spec_formula():
-    """Training-mode aux loss = sum over MoE layers of the spec's formula evaluated on each layer's own input."""
+def test_summed_aux_loss_and_expert_load_match_spec():
+    """Training-mode aux loss = sum over MoE layers of the spec's formula evaluated on each layer's own input, and
+    the reported per-layer expert load is that layer's routing histogram, in layer order (also across segments)."""
     import jax.numpy as jnp
-    from flax import nnx
 
-    from deepseekmoe_jax import DeepseekForCausalLM
-
-    for seq_aux in (True, False):
-        config = small_config(seq_aux=seq_aux, aux_loss_alpha=0.01, options={"capacity_factor_train": None})
+    layouts = {True: {}, False: dict(moe_layer_freq=2, first_k_dense_replace=0, num_hidden_layers=5)}
+    for seq_aux, layout in layouts.items():
+        config = small_config(seq_aux=seq_aux, aux_loss_alpha=0.01, options={"capacity_factor_train": None}, **layout)
         ref = _spec_reference(config, seed=5)
-        model = DeepseekForCausalLM(config, rngs=nnx.Rngs(0))
-        load_hf_state_dict(model, _spec_state_dict(ref, config))
+        model = model_from_hf_state_dict(config, _spec_state_dict(ref, config))
         ids = np.random.default_rng(5).integers(0, config.vocab_size, (2, 8))
         reference_logits(ref, ids)  # records each SpecMoE's routing
-        expected = sum(
-            float(spec_expert_loss(*ref.model.layers[i].mlp.last_routing, 0.01, seq_aux))
-            for i in moe_layer_indices(config)
-        )
-        out = model(jnp.asarray(ids), training=True)
+        routings = [ref.model.layers[i].mlp.last_routing for i in moe_layer_indices(config)]
+        expected = sum(float(spec_expert_loss(scores, idx, 0.01, seq_aux)) for scores, idx in routings)
+        out = jit_forward(model, jnp.asarray(ids), training=True)
         assert abs(float(out.aux_loss) - expected) <= 1e-6 * max(1.0, abs(expected))
-        assert float(model(jnp.asarray(ids), training=False).aux_loss) == 0.0
+        assert float(jit_forward(model, jnp.asarray(ids), training=False).aux_loss) == 0.0
+        loads = np.stack(
+            [np.bincount(idx.reshape(-1).numpy(), minlength=config.n_routed_experts) for _, idx in routings]
+        )
+        np.testing.assert_allclose(
+            np.asarray(out.moe_metrics.expert_load), loads / loads.sum(1, keepdims=True), atol=1e-7
+        )
 
 
 def test_reference_state_dict_is_the_v1_layout():

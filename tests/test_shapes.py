@@ -63,3 +63,22 @@ def test_reduced_precision_stays_close_to_float32(param_dtype, dtype):
     assert jax.tree.leaves(nnx.state(low, nnx.Param))[0].dtype == jnp.dtype(param_dtype)
     rel = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
     assert 0 < rel < 3e-2  # bf16 rounding is visible but small
+
+
+def test_traced_program_does_not_grow_with_depth():
+    """Layers of one kind run under one scan: 4 and 12 layers trace to programs of the same size."""
+
+    def n_equations(layers):
+        config = small_config(num_hidden_layers=layers)
+        graphdef, state = nnx.split(_abstract(config))
+        ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+        jaxpr = jax.make_jaxpr(lambda s, i: nnx.merge(graphdef, s)(i).logits)(state, ids)
+        return len(jaxpr.jaxpr.eqns)
+
+    assert n_equations(4) == n_equations(12)
+    unrolled = small_config(num_hidden_layers=12, options={"scan_layers": False})
+    graphdef, state = nnx.split(_abstract(unrolled))
+    jaxpr = jax.make_jaxpr(lambda s, i: nnx.merge(graphdef, s)(i).logits)(
+        state, jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    )
+    assert len(jaxpr.jaxpr.eqns) > n_equations(12)  # the unrolled variant does grow (sanity check of the measure)
