@@ -9,6 +9,7 @@ with leading stacked dimensions (logical name ``layers``) and the module's ``__c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -39,7 +40,9 @@ def make_param(
     if std is None:
         value = jnp.ones(full, dtype)
     else:
-        value = (std * jax.random.normal(rngs.params(), full, jnp.float32)).astype(dtype)
+        # Drawn flat, then reshaped: XLA compiles a rank-1 threefry far faster than a rank-4 one.
+        size = math.prod(full)
+        value = (std * jax.random.normal(rngs.params(), (size,), jnp.float32)).astype(dtype).reshape(full)
     return nnx.Param(value, logical_axes=(("layers",) * len(stack)) + tuple(axes))
 
 

@@ -12,6 +12,13 @@ import pytest  # noqa: E402
 
 from deepseekmoe_jax import DeepseekConfig  # noqa: E402
 
+try:  # tiny reference models gain nothing from intra-op threads, and threads contend with XLA's on 2 cores
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover - torch is a test dependency
+    pass
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # A small MoE config: 1 dense layer then 3 MoE layers, 8 experts top-2, one shared expert.
@@ -45,3 +52,19 @@ def repo_root() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tiny_config() -> DeepseekConfig:
     return DeepseekConfig.from_file(ROOT / "configs" / "tiny.yaml")
+
+
+def jit_forward(model, ids, mask=None, **kwargs):
+    """``model(ids, mask, **kwargs)`` compiled (eager NNX calls compile every op separately, which is slow on CPU)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    key = (graphdef, tuple(sorted(kwargs.items())))
+    fn = _FORWARDS.get(key)
+    if fn is None:
+        fn = _FORWARDS[key] = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m, **kwargs))
+    return fn(state, ids, mask)
+
+
+_FORWARDS: dict = {}
