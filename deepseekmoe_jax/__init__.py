@@ -11,6 +11,7 @@ from deepseekmoe_jax.model import (
     param_count,
 )
 from deepseekmoe_jax.moe import MoEMetrics
+from deepseekmoe_jax.sharding import make_mesh, mesh_from_config
 
 __version__ = "0.1.0"
 
@@ -25,5 +26,7 @@ __all__ = [
     "ModelOutput",
     "layer_plan",
     "locate_layer",
+    "make_mesh",
+    "mesh_from_config",
     "param_count",
 ]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseekmoe_jax.config import DeepseekConfig
-from deepseekmoe_jax.sharding import constrain
+from deepseekmoe_jax.sharding import constrain, sharded
 
 Array = jax.Array
 
@@ -39,6 +39,11 @@ def make_param(
     full = (*stack, *shape)
     if std is None:
         value = jnp.ones(full, dtype)
+    elif sharded():
+        # Under a multi-device mesh (sharded init), draw in the parameter's own shape: the threefry counters then
+        # follow the output sharding and each device generates only its shard; a flat draw would be materialised
+        # whole on every device before the reshape. The values are the same as the flat draw's.
+        value = (std * jax.random.normal(rngs.params(), full, jnp.float32)).astype(dtype)
     else:
         # Drawn flat, then reshaped: XLA compiles a rank-1 threefry far faster than a rank-4 one.
         size = math.prod(full)

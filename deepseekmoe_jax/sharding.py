@@ -222,6 +222,12 @@ def use_mesh(mesh: Mesh, rules: Mapping[str, Any] | Sequence | None = None) -> I
         _state.ctx = prev
 
 
+def sharded() -> bool:
+    """True inside `use_mesh` with a mesh of more than one device (code being traced for a sharded run)."""
+    ctx = current()
+    return ctx is not None and ctx.mesh.size > 1
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`jax.lax.with_sharding_constraint` by logical axes; a no-op outside `use_mesh` or on one device.
 

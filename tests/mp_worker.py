@@ -77,7 +77,8 @@ def problem():
 def run_step(mesh, feed):
     """One sharded training step on ``mesh``; ``feed(global_batch, rules)`` places the batch on the mesh.
 
-    Returns (metrics dict of floats, updated parameters as a nested dict of fully gathered numpy arrays).
+    Returns the metrics (dict of floats) and, as nested dicts of fully gathered numpy arrays, the initial
+    parameters, the updated parameters and the optimizer's updates.
     """
     import jax
     import jax.numpy as jnp
@@ -97,6 +98,7 @@ def run_step(mesh, feed):
     abstract_state = jax.eval_shape(lambda p: (p, tx.init(p)), params)
     state_shardings = sharding.param_shardings(abstract_state, rules, mesh)
     state = jax.jit(lambda p: (p, tx.init(p)), out_shardings=state_shardings)(params)
+    initial = multihost_utils.process_allgather(nnx.to_pure_dict(params), tiled=True)
 
     def train_step(state, batch):
         params, opt_state = state
@@ -112,13 +114,15 @@ def run_step(mesh, feed):
         updates, opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         update_sq = sum(jnp.sum(jnp.square(u)) for u in jax.tree.leaves(updates))
-        return (new_params, opt_state), {"loss": loss, "lm_loss": lm, "aux_loss": aux, "update_sq": update_sq}
+        metrics = {"loss": loss, "lm_loss": lm, "aux_loss": aux, "update_sq": update_sq}
+        return (new_params, opt_state), (metrics, nnx.to_pure_dict(updates))
 
     step = sharding.jit_step(train_step, mesh, state_shardings, rules=rules, compiler_options=fast_compile())
-    (new_params, _), metrics = step(state, feed(batch, rules))
+    (new_params, _), (metrics, updates) = step(state, feed(batch, rules))
     values = {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
-    gathered = multihost_utils.process_allgather(nnx.to_pure_dict(new_params), tiled=True)
-    return values, jax.tree.map(np.asarray, gathered)
+    updated = multihost_utils.process_allgather(nnx.to_pure_dict(new_params), tiled=True)
+    updates = jax.tree.map(lambda u: np.asarray(u.addressable_data(0)), updates)  # replicated outputs
+    return values, jax.tree.map(np.asarray, initial), jax.tree.map(np.asarray, updated), updates
 
 
 def flatten(tree, prefix=""):
@@ -153,7 +157,7 @@ def main(argv=None) -> int:
         local = {k: v[rows] for k, v in batch.items()}  # this process reads only its own rows
         return distributed.global_batch_from_local(local, mesh, GLOBAL_BATCH, rules)
 
-    metrics, params = run_step(mesh, feed)
+    metrics, _, params, updates = run_step(mesh, feed)
     result = {
         "launch": None if launch is None else launch.source,
         "process_index": distributed.process_index(),
@@ -165,7 +169,9 @@ def main(argv=None) -> int:
         "seconds": time.time() - start,
     }
     if distributed.is_main_process():
-        np.savez(os.path.splitext(args.out)[0] + ".npz", **flatten(params))
+        stem = os.path.splitext(args.out)[0]
+        np.savez(stem + ".params.npz", **flatten(params))
+        np.savez(stem + ".updates.npz", **flatten(updates))
     with open(args.out + ".tmp", "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     os.replace(args.out + ".tmp", args.out)
