@@ -74,11 +74,11 @@ def problem():
     return config, batch
 
 
-def run_step(mesh, feed):
+def run_step(mesh, feed, *, gather_initial=False):
     """One sharded training step on ``mesh``; ``feed(global_batch, rules)`` places the batch on the mesh.
 
     Returns the metrics (dict of floats) and, as nested dicts of fully gathered numpy arrays, the initial
-    parameters, the updated parameters and the optimizer's updates.
+    parameters (None unless ``gather_initial``), the updated parameters and the optimizer's updates.
     """
     import jax
     import jax.numpy as jnp
@@ -97,8 +97,10 @@ def run_step(mesh, feed):
     # the logical axes) in its param-shaped state, so param_shardings covers both.
     abstract_state = jax.eval_shape(lambda p: (p, tx.init(p)), params)
     state_shardings = sharding.param_shardings(abstract_state, rules, mesh)
-    state = jax.jit(lambda p: (p, tx.init(p)), out_shardings=state_shardings)(params)
-    initial = multihost_utils.process_allgather(nnx.to_pure_dict(params), tiled=True)
+    state = jax.jit(lambda p: (p, tx.init(p)), out_shardings=state_shardings, compiler_options=fast_compile())(params)
+    initial = None
+    if gather_initial:
+        initial = jax.tree.map(np.asarray, multihost_utils.process_allgather(nnx.to_pure_dict(params), tiled=True))
 
     def train_step(state, batch):
         params, opt_state = state
@@ -122,7 +124,7 @@ def run_step(mesh, feed):
     values = {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
     updated = multihost_utils.process_allgather(nnx.to_pure_dict(new_params), tiled=True)
     updates = jax.tree.map(lambda u: np.asarray(u.addressable_data(0)), updates)  # replicated outputs
-    return values, jax.tree.map(np.asarray, initial), jax.tree.map(np.asarray, updated), updates
+    return values, initial, jax.tree.map(np.asarray, updated), updates
 
 
 def flatten(tree, prefix=""):

@@ -109,7 +109,7 @@ def test_two_processes_agree_with_one(tmp_path):
         mesh = sharding.make_mesh(**MESH)
         assert mesh.devices.size == NUM_PROCESSES * DEVICES_PER_PROCESS == jax.device_count()
         feed = lambda batch, rules: sharding.shard_batch(batch, mesh, rules)  # noqa: E731
-        expected_metrics, initial, expected, expected_updates = run_step(mesh, feed)
+        expected_metrics, initial, expected, expected_updates = run_step(mesh, feed, gather_initial=True)
         workers.wait(TIMEOUT_S)
         results = [json.loads(out.read_text()) for out in workers.outs]
     finally:
