@@ -214,6 +214,8 @@ class DeepseekModel(nnx.Module):
         c = self.config
         b, t = input_ids.shape
         dt = jnp.dtype(c.options.dtype)
+        # Look rows up in the table with its hidden dimension whole (as FSDP gathers any weight before use); from an
+        # embed-sharded table XLA cannot reach the batch-sharded layout below and would replicate the activations.
         table = constrain(self.embed_tokens[...], ("vocab", None))
         x = jnp.take(table, input_ids, axis=0).astype(dt)  # [B, T, H]
         x = constrain(x, ("act_batch", "act_length", "act_embed"))

@@ -134,8 +134,6 @@ class MoEGate(nnx.Module):
     def __call__(self, x: Array) -> Routing:
         # float32 routing: a bf16 logit can flip a near-tie top-k choice, and the softmax feeds the balance loss.
         logits = jnp.einsum("...h,he->...e", x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
-        if logits.ndim == 3:  # [b, t, e]: keep the routing with its tokens (else XLA may gather all scores for top_k)
-            logits = constrain(logits, ("act_batch", "act_length", None))
         return route(logits, self.config.num_experts_per_tok, self.config.norm_topk_prob)
 
 
@@ -215,9 +213,7 @@ class MoEBlock(nnx.Module):
 
         # Dispatch and combine run where the groups are (both einsums local); only the expert computation sees the
         # expert-sharded layout, and moving into and out of it is an all-to-all over the 'expert' mesh axis.
-        # Without the group-layout constraints XLA may all-gather tokens and all-reduce outputs instead.
-        dispatch = constrain(dispatch, ("act_group", None, None, None))
-        combine = constrain(combine, ("act_group", None, None, None))
+        # Without the group-layout constraints on x_e / y_e, XLA may all-gather tokens and all-reduce outputs.
         dt = x.dtype
         x_e = jnp.einsum("gsec,gsh->egch", dispatch.astype(dt), xg)  # [e, g, c, h]
         x_e = constrain(x_e, (None, "act_group", "act_capacity", "act_embed"))
