@@ -12,6 +12,7 @@ from deepseekmoe_jax.model import (
     param_count,
 )
 from deepseekmoe_jax.moe import MoEMetrics
+from deepseekmoe_jax.sharding import make_mesh, mesh_from_config
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,8 @@ __all__ = [
     "layer_plan",
     "load_checkpoint",
     "locate_layer",
+    "make_mesh",
+    "mesh_from_config",
     "param_count",
     "save_checkpoint",
 ]

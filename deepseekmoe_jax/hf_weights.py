@@ -19,6 +19,8 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from deepseekmoe_jax.config import DeepseekConfig
@@ -256,8 +258,6 @@ def load_hf_state_dict(model: Any, state_dict: Mapping[str, Any], *, strict: boo
     `WeightError` naming the key on a missing key, an unexpected key (``rotary_emb.inv_freq`` buffers excepted)
     or a shape mismatch; with ``strict=False`` missing/unexpected keys are allowed and the rest is loaded.
     """
-    import jax.numpy as jnp
-
     config: DeepseekConfig = model.config
     shapes = hf_key_shapes(config)
     targets = dict(iter_targets(config))
@@ -282,7 +282,11 @@ def load_hf_state_dict(model: Any, state_dict: Mapping[str, Any], *, strict: boo
         var = variables.setdefault(target.path, get_variable(model, target.path))
         buf = buffers.get(target.path)
         if buf is None:  # host copy in the parameter dtype (keeps entries a non-strict load does not cover)
-            buf = buffers[target.path] = np.array(var[...])
+            current = var.get_value()
+            if isinstance(current, jax.ShapeDtypeStruct):  # abstract model: every entry gets filled (strict)
+                buf = buffers[target.path] = np.zeros(current.shape, current.dtype)
+            else:
+                buf = buffers[target.path] = np.array(current)
         arr = target.rule.to_jax(value, config).astype(buf.dtype)
         if target.index:
             buf[target.index] = arr
@@ -290,7 +294,19 @@ def load_hf_state_dict(model: Any, state_dict: Mapping[str, Any], *, strict: boo
             buf[...] = arr
     for path, buf in buffers.items():
         var = variables[path]
-        var[...] = jnp.asarray(buf)
+        var.set_value(jnp.asarray(buf))
+
+
+def model_from_hf_state_dict(config: DeepseekConfig, state_dict: Mapping[str, Any]):
+    """A `DeepseekForCausalLM` holding exactly the weights of a HF-keyed state dict (no random initialisation:
+    the model is built abstractly with `nnx.eval_shape`, then every parameter is filled from ``state_dict``)."""
+    from flax import nnx
+
+    from deepseekmoe_jax.model import DeepseekForCausalLM
+
+    model = nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
+    load_hf_state_dict(model, state_dict, strict=True)
+    return model
 
 
 def to_hf_state_dict(model: Any, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
