@@ -77,9 +77,13 @@ def build_reference(config: DeepseekConfig, *, seed: int = 0, std: float = 0.02,
             mlp_bias=False,
         )
         moe_cfg._experts_implementation = "eager"  # the plain per-expert loop
+        import warnings
+
         for i in range(c.num_hidden_layers):
             if c.is_moe_layer(i):
-                model.model.layers[i].mlp = DeepseekV2Moe(moe_cfg)
+                with warnings.catch_warnings():  # a zero-width shared MLP (no shared experts) warns at init
+                    warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+                    model.model.layers[i].mlp = DeepseekV2Moe(moe_cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

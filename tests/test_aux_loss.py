@@ -41,7 +41,7 @@ def _torch_loss(kind, seq_aux, alpha, x, w, groups=2):
     else:
         value = spec_device_loss(scores, indices, alpha, groups)
     value.backward()
-    return float(value), wt.grad.numpy().T, xt.grad.numpy()
+    return float(value.detach()), wt.grad.numpy().T, xt.grad.numpy()
 
 
 @pytest.mark.parametrize("kind, seq_aux", [("expert", True), ("expert", False), ("device", None)])
