@@ -19,6 +19,8 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from deepseekmoe_jax.config import DeepseekConfig
@@ -58,26 +60,29 @@ def _same(x, c):
     return x
 
 
+# The transforms only move data (transposes, head splits). They return numpy views where possible and leave the
+# copy to the consumer, which can do it cheaply (a strided TensorStore write, a blocked copy): a plain
+# np.ascontiguousarray of a transposed [10944, 2048] matrix costs more than reading it from disk.
 def _t(x, c):
-    return np.ascontiguousarray(np.swapaxes(x, -1, -2))
+    return np.swapaxes(x, -1, -2)
 
 
 def _split_heads(n_heads: Callable[[DeepseekConfig], int]):
     def to_jax(w, c):  # [n * d, h] -> [h, n, d]
-        return np.ascontiguousarray(w.T).reshape(c.hidden_size, n_heads(c), c.head_dim)
+        return w.T.reshape(c.hidden_size, n_heads(c), c.head_dim)
 
     def to_hf(k, c):  # [h, n, d] -> [n * d, h]
-        return np.ascontiguousarray(k.reshape(c.hidden_size, -1).T)
+        return k.reshape(c.hidden_size, -1).T
 
     return to_jax, to_hf
 
 
 def _o_to_jax(w, c):  # [h, n * d] -> [n, d, h]
-    return np.ascontiguousarray(w.T).reshape(c.num_attention_heads, c.head_dim, c.hidden_size)
+    return w.T.reshape(c.num_attention_heads, c.head_dim, c.hidden_size)
 
 
 def _o_to_hf(k, c):  # [n, d, h] -> [h, n * d]
-    return np.ascontiguousarray(k.reshape(-1, c.hidden_size).T)
+    return k.reshape(-1, c.hidden_size).T
 
 
 def _bias_to_jax(n_heads):
@@ -253,8 +258,6 @@ def load_hf_state_dict(model: Any, state_dict: Mapping[str, Any], *, strict: boo
     `WeightError` naming the key on a missing key, an unexpected key (``rotary_emb.inv_freq`` buffers excepted)
     or a shape mismatch; with ``strict=False`` missing/unexpected keys are allowed and the rest is loaded.
     """
-    import jax.numpy as jnp
-
     config: DeepseekConfig = model.config
     shapes = hf_key_shapes(config)
     targets = dict(iter_targets(config))
@@ -279,7 +282,11 @@ def load_hf_state_dict(model: Any, state_dict: Mapping[str, Any], *, strict: boo
         var = variables.setdefault(target.path, get_variable(model, target.path))
         buf = buffers.get(target.path)
         if buf is None:  # host copy in the parameter dtype (keeps entries a non-strict load does not cover)
-            buf = buffers[target.path] = np.array(var[...])
+            current = var.get_value()
+            if isinstance(current, jax.ShapeDtypeStruct):  # abstract model: every entry gets filled (strict)
+                buf = buffers[target.path] = np.zeros(current.shape, current.dtype)
+            else:
+                buf = buffers[target.path] = np.array(current)
         arr = target.rule.to_jax(value, config).astype(buf.dtype)
         if target.index:
             buf[target.index] = arr
@@ -287,7 +294,19 @@ def load_hf_state_dict(model: Any, state_dict: Mapping[str, Any], *, strict: boo
             buf[...] = arr
     for path, buf in buffers.items():
         var = variables[path]
-        var[...] = jnp.asarray(buf)
+        var.set_value(jnp.asarray(buf))
+
+
+def model_from_hf_state_dict(config: DeepseekConfig, state_dict: Mapping[str, Any]):
+    """A `DeepseekForCausalLM` holding exactly the weights of a HF-keyed state dict (no random initialisation:
+    the model is built abstractly with `nnx.eval_shape`, then every parameter is filled from ``state_dict``)."""
+    from flax import nnx
+
+    from deepseekmoe_jax.model import DeepseekForCausalLM
+
+    model = nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
+    load_hf_state_dict(model, state_dict, strict=True)
+    return model
 
 
 def to_hf_state_dict(model: Any, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
@@ -303,7 +322,7 @@ def to_hf_state_dict(model: Any, dtype: Any = None) -> Iterator[tuple[str, np.nd
             arr = cache[target.path] = np.asarray(get_variable(model, target.path)[...])
         value = arr[target.index] if target.index else arr
         out = target.rule.to_hf(np.asarray(value), config)
-        yield key, (out.astype(dtype) if dtype is not None else out)
+        yield key, (out.astype(dtype) if dtype is not None else np.ascontiguousarray(out))
 
 
 def hf_keys_of_layer(keys: Iterable[str]) -> dict[int, list[str]]:

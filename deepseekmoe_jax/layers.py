@@ -9,6 +9,7 @@ with leading stacked dimensions (logical name ``layers``) and the module's ``__c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseekmoe_jax.config import DeepseekConfig
-from deepseekmoe_jax.sharding import constrain
+from deepseekmoe_jax.sharding import constrain, sharded
 
 Array = jax.Array
 
@@ -38,8 +39,15 @@ def make_param(
     full = (*stack, *shape)
     if std is None:
         value = jnp.ones(full, dtype)
-    else:
+    elif sharded():
+        # Under a multi-device mesh (sharded init), draw in the parameter's own shape: the threefry counters then
+        # follow the output sharding and each device generates only its shard; a flat draw would be materialised
+        # whole on every device before the reshape. The values are the same as the flat draw's.
         value = (std * jax.random.normal(rngs.params(), full, jnp.float32)).astype(dtype)
+    else:
+        # Drawn flat, then reshaped: XLA compiles a rank-1 threefry far faster than a rank-4 one.
+        size = math.prod(full)
+        value = (std * jax.random.normal(rngs.params(), (size,), jnp.float32)).astype(dtype).reshape(full)
     return nnx.Param(value, logical_axes=(("layers",) * len(stack)) + tuple(axes))
 
 

@@ -214,7 +214,10 @@ class DeepseekModel(nnx.Module):
         c = self.config
         b, t = input_ids.shape
         dt = jnp.dtype(c.options.dtype)
-        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dt)  # [B, T, H]
+        # Look rows up in the table with its hidden dimension whole (as FSDP gathers any weight before use); from an
+        # embed-sharded table XLA cannot reach the batch-sharded layout below and would replicate the activations.
+        table = constrain(self.embed_tokens[...], ("vocab", None))
+        x = jnp.take(table, input_ids, axis=0).astype(dt)  # [B, T, H]
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -225,19 +228,19 @@ class DeepseekModel(nnx.Module):
             mask = causal_padding_mask(attention_mask, index, index)
 
         aux = jnp.zeros((), jnp.float32)
-        per_layer: dict[int, MoEMetrics] = {}
+        collected: list[MoEMetrics] = []  # per segment, [n_moe_layers_of_segment, ...] in layer order
         for segment_module in self.segments:
-            seg = segment_module.segment
             x, seg_aux, metrics = segment_module(x, cos, sin, mask, attention_mask, training)
             aux = aux + seg_aux
-            moe_positions = [p for p, kind in enumerate(seg.kinds) if kind == MOE]
-            for p, m in zip(moe_positions, metrics, strict=True):
-                for r in range(seg.repeats):
-                    per_layer[seg.layer_index(r, p)] = jax.tree.map(lambda a, r=r: a[r], m)
+            if metrics:
+                # metrics: one entry per MoE position p of the block, each [repeats, ...]. Layer order within the
+                # segment is repeat-major, position-minor: stack to [P, R, ...] and flatten as [R * P, ...].
+                collected.append(
+                    jax.tree.map(lambda *a: jnp.swapaxes(jnp.stack(a), 0, 1).reshape(-1, *a[0].shape[1:]), *metrics)
+                )
         moe_metrics = None
-        if per_layer:
-            ordered = [per_layer[i] for i in sorted(per_layer)]
-            moe_metrics = jax.tree.map(lambda *a: jnp.stack(a), *ordered)
+        if collected:
+            moe_metrics = jax.tree.map(lambda *a: jnp.concatenate(a), *collected)
         return ModelOutput(self.norm(x), aux, moe_metrics)
 
 

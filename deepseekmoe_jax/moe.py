@@ -48,10 +48,15 @@ class MoEMetrics(NamedTuple):
 def route(logits: Array, k: int, norm_topk_prob: bool) -> Routing:
     """Softmax over experts in float32, greedy top-k, optional renormalisation (``w / (sum w + 1e-20)``)."""
     scores = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, indices = jax.lax.top_k(scores, k)
+    # Greedy top-k as a stable sort over the expert axis (ties go to the lower expert index, as lax.top_k does):
+    # the sort partitions along the token dimensions, whereas XLA's SPMD partitioner gathers the whole [b, t, e]
+    # score tensor onto every device for a TopK.
+    expert_ids = jax.lax.broadcasted_iota(jnp.int32, scores.shape, scores.ndim - 1)
+    neg_sorted, ids_sorted = jax.lax.sort((-scores, expert_ids), dimension=scores.ndim - 1, num_keys=1, is_stable=True)
+    weights, indices = -neg_sorted[..., :k], ids_sorted[..., :k]
     if k > 1 and norm_topk_prob:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-    return Routing(scores, weights, indices.astype(jnp.int32))
+    return Routing(scores, weights, indices)
 
 
 # ----------------------------------------------------------------------------------------------- balance losses
@@ -211,11 +216,16 @@ class MoEBlock(nnx.Module):
             indices.reshape(g, s, k), weights.reshape(g, s, k), valid.reshape(g, s), e, cap, x.dtype
         )
 
+        # Dispatch and combine run where the groups are (both einsums local); only the expert computation sees the
+        # expert-sharded layout, and moving into and out of it is an all-to-all over the 'expert' mesh axis.
+        # Without the group-layout constraints on x_e / y_e, XLA may all-gather tokens and all-reduce outputs.
         dt = x.dtype
         x_e = jnp.einsum("gsec,gsh->egch", dispatch.astype(dt), xg)  # [e, g, c, h]
+        x_e = constrain(x_e, (None, "act_group", "act_capacity", "act_embed"))
         x_e = constrain(x_e, ("act_expert", "act_expert_group", "act_capacity", "act_embed"))
         y_e = self.experts(x_e)  # [e, g, c, h]
         y_e = constrain(y_e, ("act_expert", "act_expert_group", "act_capacity", "act_embed"))
+        y_e = constrain(y_e, (None, "act_group", "act_capacity", "act_embed"))  # back to the groups' layout
         y = jnp.einsum("gsec,egch->gsh", combine, y_e)  # [g, s, h]
         y = constrain(y, ("act_group", None, "act_embed"))
         y = y.reshape(b, t_pad, h)[:, :t]  # [b, t, h]

@@ -77,9 +77,13 @@ def build_reference(config: DeepseekConfig, *, seed: int = 0, std: float = 0.02,
             mlp_bias=False,
         )
         moe_cfg._experts_implementation = "eager"  # the plain per-expert loop
+        import warnings
+
         for i in range(c.num_hidden_layers):
             if c.is_moe_layer(i):
-                model.model.layers[i].mlp = DeepseekV2Moe(moe_cfg)
+                with warnings.catch_warnings():  # a zero-width shared MLP (no shared experts) warns at init
+                    warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+                    model.model.layers[i].mlp = DeepseekV2Moe(moe_cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -162,3 +166,44 @@ def reference_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | 
         mask = None if attention_mask is None else torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
         out = model(input_ids=ids, attention_mask=mask, use_cache=False)
     return out.logits.float().numpy()
+
+
+def relative_max_diff(ref: np.ndarray, out: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """max |ref - out| / max |ref| over real (unmasked) positions of [B, T, V] logits."""
+    if mask is not None:
+        keep = np.asarray(mask).astype(bool)
+        ref, out = ref[keep], out[keep]
+    return float(np.abs(ref - out).max() / np.abs(ref).max())
+
+
+def compare_with_reference(
+    config: DeepseekConfig, seeds=(0,), *, batch: int = 2, seq: int = 24, left_pad: int = 0
+) -> list[float]:
+    """Logit parity of `DeepseekForCausalLM` against `build_reference`, one value per seed.
+
+    For each seed: random reference weights are loaded into the JAX model through the HF key table, random token
+    ids (and, with ``left_pad``, a batch whose second row starts with that many padding positions) go through both,
+    and the relative max difference over real positions is returned. The JAX forward is compiled once per config.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from deepseekmoe_jax.hf_weights import model_from_hf_state_dict
+
+    forward = None
+    diffs = []
+    for seed in seeds:
+        ref = build_reference(config, seed=seed)
+        model = model_from_hf_state_dict(config, reference_state_dict(ref, config))
+        if forward is None:
+            forward = jax.jit(lambda state, ids, mask, g=nnx.graphdef(model): nnx.merge(g, state)(ids, mask).logits)
+        rng = np.random.default_rng(seed)
+        ids = rng.integers(0, config.vocab_size, (batch, seq))
+        mask = np.ones((batch, seq), np.int32)
+        if left_pad:
+            mask[-1, :left_pad] = 0
+        expected = reference_logits(ref, ids, mask if left_pad else None)
+        got = np.asarray(forward(nnx.state(model), jnp.asarray(ids), jnp.asarray(mask) if left_pad else None))
+        diffs.append(relative_max_diff(expected, got, mask if left_pad else None))
+    return diffs

@@ -2,7 +2,24 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 fake CPU devices for the sharding tests. The two optimisation flags (LLVM -O0, the classic CPU kernel
+# generator) make XLA compile these tiny models several times faster; they act after partitioning and only on
+# code generation speed, and are left out if this XLA build does not know them.
+_DEVICES = "--xla_force_host_platform_device_count=8"
+_FAST = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_accepts(flags: str) -> bool:
+    import subprocess
+    import sys
+
+    probe = "import jax; jax.jit(lambda x: x + 1)(1.0).block_until_ready()"
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=120).returncode == 0
+
+
+if "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = f"{_DEVICES} {_FAST}" if _xla_accepts(f"{_DEVICES} {_FAST}") else _DEVICES
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -11,6 +28,13 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 from deepseekmoe_jax import DeepseekConfig  # noqa: E402
+
+try:  # tiny reference models gain nothing from intra-op threads, and threads contend with XLA's on 2 cores
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover - torch is a test dependency
+    pass
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -45,3 +69,19 @@ def repo_root() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tiny_config() -> DeepseekConfig:
     return DeepseekConfig.from_file(ROOT / "configs" / "tiny.yaml")
+
+
+def jit_forward(model, ids, mask=None, **kwargs):
+    """``model(ids, mask, **kwargs)`` compiled (eager NNX calls compile every op separately, which is slow on CPU)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    key = (graphdef, tuple(sorted(kwargs.items())))
+    fn = _FORWARDS.get(key)
+    if fn is None:
+        fn = _FORWARDS[key] = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m, **kwargs))
+    return fn(state, ids, mask)
+
+
+_FORWARDS: dict = {}

@@ -1,0 +1,244 @@
+"""Pieces shared by the conversion commands: errors, atomic output directories, side files, logging, progress."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+
+from deepseekmoe_jax.config import DeepseekConfig
+
+DTYPE_CHOICES = ("bfloat16", "float32", "float16")
+
+# Files a checkpoint directory carries besides config.json and the weights; copied through both directions so that
+# every output directory is self-contained.
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+)
+
+
+class ConvertError(ValueError):
+    """A user-facing conversion problem; the message is one line naming the path/key and what to do."""
+
+
+def log(message: str) -> None:
+    """Progress and summary lines go to stderr so that stdout stays clean for `inspect` output."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def limit_heap_growth() -> None:
+    """Serve allocations of 1 MiB and more with their own memory maps, returned to the system when freed.
+
+    Streaming allocates and frees thousands of tensor-sized buffers on several threads; glibc's adaptive
+    threshold would move them onto the heap, where fragmentation makes the resident size creep up with every
+    layer converted. A fixed threshold keeps the peak independent of the model's depth. No-op off glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(1 << 20))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def versions_line(devices: bool = True) -> str:
+    """One line with the versions that matter for reproducing a conversion, and the JAX devices."""
+    import jax
+
+    import deepseekmoe_jax
+
+    parts = [
+        f"deepseekmoe-jax {deepseekmoe_jax.__version__}",
+        f"python {platform.python_version()}",
+        f"jax {jax.__version__}",
+        f"orbax-checkpoint {_version('orbax-checkpoint')}",
+        f"tensorstore {_version('tensorstore')}",
+        f"numpy {_version('numpy')}",
+    ]
+    if "torch" in sys.modules:
+        parts.append(f"torch {_version('torch')}")
+    if devices:
+        devs = jax.devices()
+        parts.append(f"devices {len(devs)} x {devs[0].platform}" + (f" ({devs[0].device_kind})" if devs else ""))
+    return " | ".join(parts)
+
+
+def default_dtype(config: DeepseekConfig) -> str:
+    """The checkpoint's own ``torch_dtype`` (or ``dtype``) from config.json when it is one we store, else bfloat16."""
+    meta = config.hf_metadata
+    for key in ("torch_dtype", "dtype"):
+        value = meta.get(key)
+        if isinstance(value, str) and value.removeprefix("torch.") in DTYPE_CHOICES:
+            return value.removeprefix("torch.")
+    return "bfloat16"
+
+
+@contextlib.contextmanager
+def staging_dir(out_dir: str, *, overwrite: bool, inputs: tuple[str, ...] = ()) -> Iterator[str]:
+    """A fresh temporary directory next to ``out_dir`` that becomes ``out_dir`` only if the block succeeds.
+
+    An existing ``out_dir`` is refused unless ``overwrite``; with ``overwrite`` it is replaced only after the new
+    one is complete. On any error (or Ctrl-C) the temporary directory is removed and ``out_dir`` is untouched.
+    ``inputs`` are directories the command reads; ``out_dir`` may not be one of them or contain one.
+    """
+    out_dir = os.path.abspath(out_dir)
+    for src in inputs:
+        src = os.path.abspath(src)
+        if out_dir == src or src.startswith(out_dir.rstrip(os.sep) + os.sep):
+            raise ConvertError(f"{out_dir}: the output directory would replace the input {src}; choose another OUT_DIR")
+    if os.path.lexists(out_dir) and not overwrite:
+        raise ConvertError(f"{out_dir} already exists; choose another OUT_DIR or pass --overwrite to replace it")
+    parent = os.path.dirname(out_dir)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise ConvertError(f"{parent}: cannot create the output's parent directory ({e.strerror})") from None
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private mode would otherwise become the output's
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if os.path.lexists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.replace(out_dir, os.path.join(old, "previous"))
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def fsync_tree(directory: str) -> None:
+    """Flush every file and directory under ``directory`` to disk, so that the rename that publishes the output
+    never exposes data still sitting in the page cache (the array writers skip per-chunk syncs for speed)."""
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remote_code_files(config: DeepseekConfig) -> list[str]:
+    """The ``*.py`` files named by config.json's ``auto_map`` (``trust_remote_code`` loading)."""
+    auto_map = config.hf_metadata.get("auto_map") or {}
+    files = []
+    for ref in auto_map.values() if isinstance(auto_map, dict) else ():
+        refs = ref if isinstance(ref, list) else [ref]
+        for r in refs:
+            if isinstance(r, str) and "." in r:
+                module = r.split("--")[-1].rsplit(".", 1)[0]
+                name = module.replace(".", "/") + ".py"
+                if os.path.basename(name) == name and name not in files:
+                    files.append(name)
+    return files
+
+
+def copy_side_files(src_dir: str, dst_dir: str, config: DeepseekConfig) -> list[str]:
+    """Copy tokenizer files, generation_config.json and auto_map code files that exist in ``src_dir``."""
+    copied = []
+    for name in (*SIDE_FILES, *remote_code_files(config)):
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src):
+            shutil.copy2(src, os.path.join(dst_dir, name))
+            copied.append(name)
+    return copied
+
+
+# Tensors above this size are moved in blocks of rows rather than whole (the 16B embedding and LM head are 400 MB
+# each in bfloat16; whole, they would set the peak memory of the conversion).
+BLOCK_BYTES = 16 * 2**20
+
+
+def row_axis(transform, config) -> int | None:
+    """For a 2-D tensor: the axis of the transformed tensor along which the source's rows run, if ``transform``
+    (a key-table ``to_jax``/``to_hf``) is the identity (0) or a transpose (1); otherwise None.
+
+    Found by applying the transform to a small probe, so it follows the key table rather than restating it.
+    """
+    probe = np.arange(12, dtype=np.float32).reshape(4, 3)
+    try:
+        out = np.asarray(transform(probe, config))
+    except (ValueError, TypeError):
+        return None
+    if out.shape == probe.shape and np.array_equal(out, probe):
+        return 0
+    if out.shape == probe.T.shape and np.array_equal(out, probe.T):
+        return 1
+    return None
+
+
+def row_blocks(rows: int, step: int) -> list[tuple[int, int]]:
+    step = max(1, step)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def progress_bar(total_bytes: int, total_tensors: int, desc: str, enabled: bool):
+    """A tqdm bar counting bytes, with ``done/total tensors`` in its postfix."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    bar.total_tensors = total_tensors
+    bar.tensors_done = 0
+
+    def step(nbytes: int, tensor_done: bool = True) -> None:
+        if tensor_done:
+            bar.tensors_done += 1
+            bar.set_postfix_str(f"{bar.tensors_done}/{total_tensors} tensors", refresh=False)
+        bar.update(nbytes)
+
+    bar.step = step
+    return bar
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def config_fields(config: DeepseekConfig, names: tuple[str, ...]) -> str:
+    return ", ".join(f"{n}={json.dumps(getattr(config, n))}" for n in names)

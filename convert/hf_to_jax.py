@@ -1,0 +1,221 @@
+"""``hf-to-jax``: a Hugging Face DeepSeekMoE v1 checkpoint directory -> a JAX model directory, streaming.
+
+Every tensor is read on its own (`deepseekmoe_jax.hf_io`), mapped through the shared key table
+(`deepseekmoe_jax.hf_weights`: transposes, per-head splits, per-expert and per-layer stacking) and written into
+its slice of the scan-stacked Orbax arrays (`deepseekmoe_jax.checkpoint.ParamsWriter`). Before anything is
+written, the whole checkpoint is checked against config.json: every key consumed exactly once, every parameter
+produced exactly once, every shape and dtype as expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+
+import numpy as np
+
+from convert import common
+from convert.common import (
+    ConvertError,
+    config_fields,
+    copy_side_files,
+    default_dtype,
+    human_bytes,
+    log,
+    progress_bar,
+    row_axis,
+    row_blocks,
+    staging_dir,
+)
+from deepseekmoe_jax.checkpoint import PARAMS_DIR, ParamsWriter, leaf_path, write_config_files
+from deepseekmoe_jax.config import ConfigError, DeepseekConfig
+from deepseekmoe_jax.hf_io import HFCheckpoint, iter_file_order, numpy_dtype, unreadable_dtype_error
+from deepseekmoe_jax.hf_weights import KeyTarget, hf_key_shapes, is_ignored_key, iter_targets
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionSummary:
+    out_dir: str
+    tensors: int
+    source_bytes: int
+    param_count: int
+    dtype: str
+    seconds: float
+    ignored_keys: tuple[str, ...]
+
+
+def _fields_for_key(key: str) -> tuple[str, ...]:
+    """The config.json fields that decide whether ``key`` exists and what shape it has (for error messages)."""
+    if "embed_tokens" in key:
+        return ("vocab_size", "hidden_size")
+    if key.startswith("lm_head"):
+        return ("vocab_size", "hidden_size", "tie_word_embeddings")
+    if "shared_experts" in key:
+        return ("n_shared_experts", "moe_intermediate_size", "hidden_size")
+    if re.search(r"\.experts\.\d+\.", key):
+        return ("n_routed_experts", "moe_intermediate_size", "hidden_size")
+    if ".mlp.gate." in key:
+        return ("n_routed_experts", "hidden_size")
+    if ".mlp." in key:
+        return ("intermediate_size", "hidden_size", "first_k_dense_replace", "moe_layer_freq")
+    if key.endswith(".bias"):
+        return ("attention_bias",)
+    if "k_proj" in key or "v_proj" in key:
+        return ("num_key_value_heads", "num_attention_heads", "hidden_size")
+    if "self_attn" in key:
+        return ("num_attention_heads", "hidden_size")
+    return ("hidden_size",)
+
+
+def _hint(key: str, config: DeepseekConfig) -> str:
+    fields = _fields_for_key(key)
+    m = re.match(r"model\.layers\.(\d+)\.", key)
+    if m and int(m.group(1)) >= config.num_hidden_layers:
+        fields = ("num_hidden_layers",)
+    return config_fields(config, fields)
+
+
+def check_against_config(ckpt: HFCheckpoint, config: DeepseekConfig) -> dict[str, KeyTarget]:
+    """Match the checkpoint's tensors against what ``config`` needs; return HF key -> target.
+
+    Raises `ConvertError` (one line) on the first shape mismatch, on missing or unexpected keys (rotary
+    ``inv_freq`` buffers are ignored) and on tensors of a dtype this tool cannot read.
+    """
+    targets = dict(iter_targets(config))
+    shapes = hf_key_shapes(config)
+    present = ckpt.tensors
+    for key in targets:
+        info = present.get(key)
+        if info is not None and info.shape != shapes[key]:
+            raise ConvertError(
+                f"{ckpt.path(key)}: tensor {key} has shape {info.shape} but config.json "
+                f"({_hint(key, config)}) implies {shapes[key]}; either config.json does not describe these "
+                "weights (use the config.json that came with them) or the file is damaged"
+            )
+    missing = [k for k in targets if k not in present]
+    if missing:
+        raise ConvertError(
+            f"{ckpt.directory}: {len(missing)} tensor(s) that config.json requires are missing, e.g. {missing[0]} "
+            f"(config.json has {_hint(missing[0], config)}); the checkpoint is incomplete or config.json describes "
+            "a different model"
+        )
+    unexpected = [k for k in present if k not in targets and not is_ignored_key(k)]
+    if unexpected:
+        k = unexpected[0]
+        raise ConvertError(
+            f"{ckpt.path(k)}: {len(unexpected)} tensor(s) that config.json does not account for, e.g. {k} "
+            f"(config.json has {_hint(k, config)}); config.json describes a different model or these are not "
+            "DeepSeekMoE v1 weights"
+        )
+    for key in targets:
+        if not present[key].readable:
+            raise ConvertError(str(unreadable_dtype_error(present[key], ckpt.path(key))))
+    return targets
+
+
+def _convert_tensor(ckpt, key, target, config, dtype, writer, bar) -> None:
+    """Read one HF tensor, transform it by its key-table rule and write it into its slice of the JAX leaf.
+
+    The cast happens while the tensor is contiguous; the layout transform then yields a (usually transposed) view
+    that the writer copies into its chunks with TensorStore's strided copy. Large global tensors (embedding, LM
+    head) whose rule is an identity or a transpose go through in blocks of rows, one output chunk at a time.
+    """
+    info = ckpt.tensors[key]
+    path = leaf_path(target.path)
+    axis = row_axis(target.rule.to_jax, config) if len(info.shape) == 2 and not target.index else None
+    if axis is None or info.nbytes <= common.BLOCK_BYTES:
+        value = ckpt.read(key).astype(dtype, copy=False)
+        writer.write(path, target.index, target.rule.to_jax(value, config))
+        bar.step(info.nbytes)
+        return
+    blocks = row_blocks(info.shape[0], writer.chunk_shape(path)[axis])
+    for n, (start, stop) in enumerate(blocks):
+        value = ckpt.read(key, (start, stop)).astype(dtype, copy=False)
+        index = (slice(start, stop),) if axis == 0 else (slice(None), slice(start, stop))
+        writer.write(path, index, target.rule.to_jax(value, config))
+        bar.step(info.nbytes * (stop - start) // info.shape[0], tensor_done=n == len(blocks) - 1)
+
+
+def read_hf_config(hf_dir: str) -> DeepseekConfig:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isdir(hf_dir):
+        raise ConvertError(f"{hf_dir}: no such directory")
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path}: missing; a HF checkpoint directory must contain config.json")
+    try:
+        return DeepseekConfig.from_hf(path)
+    except ConfigError as e:
+        raise ConvertError(str(e)) from None
+
+
+def convert_hf_to_jax(
+    hf_dir: str,
+    out_dir: str,
+    *,
+    dtype: str | None = None,
+    compute_dtype: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionSummary:
+    """Convert the HF checkpoint in ``hf_dir`` into a JAX model directory ``out_dir``.
+
+    Args:
+      dtype: parameter dtype to store ("bfloat16", "float32", "float16"); default: the checkpoint's
+        ``torch_dtype``, else bfloat16. Widening (bfloat16 -> float32) is exact.
+      compute_dtype: ``options.dtype`` recorded for the model (activations); default: ``dtype``, i.e. the model
+        runs in its checkpoint dtype as in PyTorch.
+      overwrite: replace an existing ``out_dir`` (only once the new one is complete).
+      progress: show a tqdm progress bar (bytes and tensors).
+
+    Peak memory is one tensor (or one 16 MiB block of the embedding / LM head) plus at most 128 MiB of writes in
+    flight (held about three times over while being copied and compressed), whatever the model's depth.
+    """
+    start = time.time()
+    hf_dir = os.path.abspath(hf_dir)
+    out_dir = os.path.abspath(out_dir)
+    if os.path.lexists(out_dir) and not overwrite:
+        raise ConvertError(f"{out_dir} already exists; choose another OUT_DIR or pass --overwrite to replace it")
+    base = read_hf_config(hf_dir)
+    dtype = dtype or default_dtype(base)
+    config = base.with_options(param_dtype=dtype, dtype=compute_dtype or dtype)
+    target_dtype = numpy_dtype(dtype)
+    with HFCheckpoint.open(hf_dir) as ckpt:
+        targets = check_against_config(ckpt, config)
+        ignored = tuple(k for k in ckpt.tensors if k not in targets)
+        source_bytes = sum(ckpt.tensors[k].nbytes for k in targets)
+        log(
+            f"hf-to-jax: {hf_dir} ({ckpt.layout}, {len(ckpt.files)} file(s), {len(targets)} tensors, "
+            f"{human_bytes(source_bytes)}) -> {out_dir} ({dtype})"
+        )
+        with staging_dir(out_dir, overwrite=overwrite, inputs=(hf_dir,)) as tmp:
+            writer = ParamsWriter(os.path.join(tmp, PARAMS_DIR), config)
+            bar = progress_bar(source_bytes, len(targets), "hf-to-jax", progress)
+            try:
+                for key in iter_file_order(ckpt, targets):
+                    _convert_tensor(ckpt, key, targets[key], config, target_dtype, writer, bar)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            finally:
+                bar.close()
+            count = sum(int(np.prod(s.shape)) for s in writer.specs.values())
+            write_config_files(
+                tmp,
+                config,
+                {
+                    "param_dtype": dtype,
+                    "param_count": count,
+                    "source": {"layout": ckpt.layout, "files": ckpt.files, "ignored_keys": list(ignored)},
+                },
+            )
+            copied = copy_side_files(hf_dir, tmp, config)
+    seconds = time.time() - start
+    log(
+        f"hf-to-jax: wrote {out_dir}: {count:,} parameters ({dtype}), copied {copied or 'no tokenizer files'}"
+        + (f", ignored {len(ignored)} rotary buffer(s)" if ignored else "")
+        + f" in {seconds:.1f} s ({source_bytes / 2**20 / max(seconds, 1e-9):.0f} MiB/s)"
+    )
+    return ConversionSummary(out_dir, len(targets), source_bytes, count, dtype, seconds, ignored)

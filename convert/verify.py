@@ -1,0 +1,172 @@
+"""``verify``: logits of a converted JAX model against the PyTorch reference on the original HF weights.
+
+Both models run in float32 (weights widened exactly from their stored dtype) on the same random token batches, so
+any difference beyond float32 rounding comes from the conversion, not from bfloat16 arithmetic. The JAX side uses
+the exact no-drop MoE dispatch (the evaluation default). ``num_layers`` truncates both models to their first
+layers (embedding, those layers, final norm and head), so a 16B checkpoint can be checked on a machine that cannot
+hold it twice in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from convert.common import ConvertError, log
+from convert.hf_to_jax import check_against_config, read_hf_config
+from deepseekmoe_jax.checkpoint import (
+    ParamsReader,
+    find_config_dir,
+    leaf_path,
+    model_from_params,
+    param_specs,
+    read_config,
+)
+from deepseekmoe_jax.config import DeepseekConfig
+from deepseekmoe_jax.hf_io import HFCheckpoint
+from deepseekmoe_jax.hf_weights import iter_targets
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityResult:
+    """``max_rel`` = max |JAX - torch| / max |torch logit| over all batches; ``top1`` = fraction of positions
+    whose argmax agrees."""
+
+    max_rel: float
+    max_abs: float
+    top1: float
+    tolerance: float
+    num_layers: int
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.max_rel <= self.tolerance)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, ids):
+    """float32 logits [B, T, V]; jitted once per model structure (repeated checks of one model reuse it)."""
+    return nnx.merge(graphdef, state)(ids).logits
+
+
+def _require_torch():
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ConvertError(
+            f"verify needs PyTorch and transformers for the reference model ({e}); install them with "
+            "pip install torch transformers (the CPU build of torch is enough)"
+        ) from None
+
+
+def _truncated(config: DeepseekConfig, num_layers: int | None) -> DeepseekConfig:
+    n = config.num_hidden_layers if num_layers is None else num_layers
+    if not 1 <= n <= config.num_hidden_layers:
+        raise ConvertError(f"--num-layers {n}: expected 1..{config.num_hidden_layers}")
+    return config.replace(num_hidden_layers=n).with_options(
+        param_dtype="float32", dtype="float32", capacity_factor_eval=None
+    )
+
+
+def _jax_params(reader: ParamsReader, full: DeepseekConfig, sub: DeepseekConfig) -> dict:
+    """The parameters of the truncated model ``sub``, read slice by slice from the full checkpoint."""
+    specs = param_specs(sub)
+    params = {p: np.zeros(s.shape, np.float32) for p, s in specs.items()}
+    full_targets = dict(iter_targets(full))
+    slab_key, slab = None, None
+    for key, target in iter_targets(sub):
+        src = full_targets[key]
+        path = leaf_path(src.path)
+        if src.index:
+            if slab_key != (path, src.index[0]):
+                slab_key, slab = (path, src.index[0]), reader.read(path, src.index[:1])
+            value = slab[src.index[1:]] if len(src.index) > 1 else slab
+        else:
+            value = reader.read(path)
+        dst = params[leaf_path(target.path)]
+        if target.index:
+            dst[target.index] = value
+        else:
+            dst[...] = value
+    return params
+
+
+def verify_parity(
+    hf_dir: str,
+    jax_dir: str,
+    *,
+    num_layers: int | None = None,
+    batches: int = 3,
+    batch_size: int = 2,
+    seq_len: int = 32,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+) -> ParityResult:
+    """Compare float32 logits of the JAX checkpoint ``jax_dir`` with the PyTorch reference built from ``hf_dir``.
+
+    Returns a `ParityResult`; the caller decides what to do with ``ok``. Raises `ConvertError` when the two
+    directories do not describe the same model or torch/transformers are missing.
+    """
+    _require_torch()
+    import torch
+
+    from deepseekmoe_jax.reference import build_reference, load_reference_state_dict, reference_logits
+
+    hf_dir, jax_dir = os.path.abspath(hf_dir), os.path.abspath(jax_dir)
+    hf_config = read_hf_config(hf_dir)
+    reader = ParamsReader(jax_dir)
+    jax_config = read_config(find_config_dir(os.path.dirname(reader.params_dir)))
+    a, b = hf_config.to_hf(metadata=False), jax_config.to_hf(metadata=False)
+    diff = sorted(k for k in a if a[k] != b.get(k))
+    if diff:
+        k = diff[0]
+        raise ConvertError(
+            f"{hf_dir} and {jax_dir} describe different models: config.json field {k} is {a[k]!r} vs {b.get(k)!r}"
+            f"{f' ({len(diff)} fields differ)' if len(diff) > 1 else ''}"
+        )
+    if jax_config.norm_topk_prob and jax_config.is_moe and jax_config.num_experts_per_tok > 1:
+        raise ConvertError(
+            "norm_topk_prob=true: the transformers-based reference never renormalises top-k weights, so it cannot "
+            "check this model"
+        )
+    reader.check_matches(jax_config)
+    sub = _truncated(jax_config, num_layers)
+    log(
+        f"verify: {hf_dir} vs {jax_dir}: {sub.num_hidden_layers} of {jax_config.num_hidden_layers} layers, "
+        f"{batches} batch(es) of {batch_size} x {seq_len} random tokens, float32, tolerance {tolerance:g}"
+    )
+
+    with HFCheckpoint.open(hf_dir) as ckpt:
+        check_against_config(ckpt, hf_config)
+        state = {}
+        for key, _ in iter_targets(sub):
+            state[key] = torch.from_numpy(np.asarray(ckpt.read(key), dtype=np.float32))
+    reference = build_reference(sub, seed=seed)
+    load_reference_state_dict(reference, state, sub)
+    del state
+
+    model = model_from_params(sub, _jax_params(reader, jax_config, sub))
+    model.eval()
+    graphdef, model_state = nnx.split(model)
+
+    rng = np.random.default_rng(seed)
+    worst_rel = worst_abs = 0.0
+    agree = total = 0
+    for n in range(batches):
+        ids = rng.integers(0, sub.vocab_size, (batch_size, seq_len))
+        ref = reference_logits(reference, ids)
+        got = np.asarray(_logits(graphdef, model_state, jnp.asarray(ids, jnp.int32)))
+        abs_diff = float(np.max(np.abs(got - ref)))
+        rel = abs_diff / max(float(np.max(np.abs(ref))), 1e-30)
+        agree += int(np.sum(got.argmax(-1) == ref.argmax(-1)))
+        total += ids.size
+        worst_rel, worst_abs = max(worst_rel, rel), max(worst_abs, abs_diff)
+        log(f"verify: batch {n}: max |diff| {abs_diff:.3e}, relative to max |logit| {rel:.3e}")
+    return ParityResult(worst_rel, worst_abs, agree / max(total, 1), tolerance, sub.num_hidden_layers)

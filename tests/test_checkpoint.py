@@ -1,0 +1,174 @@
+"""Model directories: save/load with Orbax, restoring straight onto a different mesh, the streaming writer's
+layout (checked at 16B size without allocating), the slice reader on both Orbax storage layouts, and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from conftest import small_config
+from flax import nnx
+from test_convert_helpers import model_logits, random_model
+
+from deepseekmoe_jax import DeepseekConfig
+from deepseekmoe_jax.checkpoint import (
+    PARAMS_DIR,
+    CheckpointError,
+    ParamsReader,
+    ParamsWriter,
+    leaf_path,
+    load_checkpoint,
+    param_specs,
+    param_tree,
+    read_config,
+    save_checkpoint,
+    save_params,
+    write_config_files,
+)
+from deepseekmoe_jax.sharding import make_mesh, param_shardings, rules_for
+
+CONFIG = small_config()
+# Two MoE layers in one scanned segment: the smallest model whose sharded forward pass covers every layer kind
+# that mesh axes touch (experts, heads, vocab); each compile on 8 fake devices costs seconds.
+MESH_CONFIG = small_config(first_k_dense_replace=0, num_hidden_layers=2)
+
+
+def flat_params(model) -> dict:
+    flat, _ = jax.tree_util.tree_flatten_with_path(param_tree(model))
+    return {leaf_path(tuple(getattr(k, "key", k) for k in keys)): v for keys, v in flat}
+
+
+def expected_shardings(config, mesh) -> dict:
+    abstract = nnx.eval_shape(lambda: __import__("deepseekmoe_jax").DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
+    state = nnx.state(abstract, nnx.Param)
+    flat, _ = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(param_shardings(state, rules_for(config), mesh)))
+    return {leaf_path(tuple(getattr(k, "key", k) for k in keys)): v for keys, v in flat}
+
+
+def test_restore_onto_other_meshes(tmp_path):
+    """Saved from a model sharded over expert=4 x data=2; restored directly sharded over fsdp=2 x expert=2 x
+    tensor=2 and onto a single device, with unchanged parameters and logits."""
+    config = MESH_CONFIG
+    mesh_a = make_mesh(data=2, expert=4)
+    model = random_model(config, seed=0)
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, jax.device_put(state, param_shardings(state, rules_for(config), mesh_a)))
+    assert model.model.segments[0].layers[0].mlp.experts.w_gate[...].sharding.spec[1] == "expert"
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (8, 16))
+    want = model_logits(model, ids, mesh=mesh_a)
+    save_checkpoint(model, str(tmp_path / "ckpt"))
+    saved = flat_params(model)
+
+    mesh_b = make_mesh(fsdp=2, expert=2, tensor=2)
+    restored = load_checkpoint(str(tmp_path / "ckpt"), mesh=mesh_b)
+    shardings = expected_shardings(config, mesh_b)
+    for path, value in flat_params(restored).items():
+        assert value.sharding == shardings[path], path  # born on mesh_b, not resharded from one device
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(saved[path]))
+    w_gate = restored.model.segments[0].layers[0].mlp.experts.w_gate[...]
+    assert w_gate.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "fsdp", "tensor")
+    got_b = model_logits(restored, ids, mesh=mesh_b)
+    np.testing.assert_allclose(got_b, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+    single = load_checkpoint(str(tmp_path / "ckpt"))
+    devices = {d for v in flat_params(single).values() for d in v.sharding.device_set}
+    assert devices == {jax.devices()[0]}
+    np.testing.assert_allclose(model_logits(single, ids), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def _write_converted(model, directory: str) -> None:
+    """A converted-layout directory (per-leaf zarr arrays, chunked per layer/expert) written by ParamsWriter."""
+    os.makedirs(directory)
+    write_config_files(directory, model.config)
+    writer = ParamsWriter(os.path.join(directory, PARAMS_DIR), model.config)
+    for path, value in flat_params(model).items():
+        writer.write(path, (), np.asarray(value))
+    writer.close()
+
+
+def test_converted_layout_restores_onto_a_mesh(tmp_path):
+    model = random_model(CONFIG, seed=2)
+    _write_converted(model, str(tmp_path / "conv"))
+    mesh = make_mesh(fsdp=2, expert=2, tensor=2)
+    restored = load_checkpoint(str(tmp_path / "conv"), mesh=mesh)
+    shardings = expected_shardings(CONFIG, mesh)
+    original = flat_params(model)
+    for path, value in flat_params(restored).items():
+        assert value.sharding == shardings[path], path
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(original[path]))
+
+
+def test_load_with_dtype(tmp_path):
+    model = random_model(CONFIG, seed=4)
+    save_checkpoint(model, str(tmp_path / "ckpt"))
+    restored = load_checkpoint(str(tmp_path / "ckpt"), dtype="bfloat16")
+    assert restored.config.options.param_dtype == "bfloat16"
+    original = flat_params(model)
+    for path, value in flat_params(restored).items():
+        assert value.dtype == jax.numpy.bfloat16
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(original[path]).astype(value.dtype))
+
+
+def test_reader_reads_both_orbax_layouts(tmp_path):
+    model = random_model(CONFIG, seed=5)
+    save_checkpoint(model, str(tmp_path / "ocdbt"))
+    _write_converted(model, str(tmp_path / "zarr"))
+    a, b = ParamsReader(str(tmp_path / "ocdbt")), ParamsReader(str(tmp_path / "zarr"))
+    assert a.use_ocdbt and not b.use_ocdbt
+    path = ("model", "segments", "1", "layers", "0", "mlp", "experts", "w_down")
+    want = np.asarray(flat_params(model)[path])
+    for reader in (a, b):
+        assert reader.shape(path) == want.shape
+        np.testing.assert_array_equal(reader.read(path, (2, 5)), want[2, 5])
+        np.testing.assert_array_equal(reader.read(path, (1,)), want[1])
+        np.testing.assert_array_equal(reader.read(path), want)
+
+
+def test_16b_writer_layout_without_allocating(tmp_path):
+    """At full 16B size the writer's arrays hold one chunk per layer and per expert (every HF tensor fills whole
+    chunks) and no chunk exceeds 16 MiB; only metadata is written, no data."""
+    config = DeepseekConfig.from_file(os.path.join(os.path.dirname(__file__), "..", "configs", "deepseekmoe-16b.yaml"))
+    config = config.with_options(param_dtype="bfloat16")
+    params = str(tmp_path / "params")
+    writer = ParamsWriter(params, config)
+    specs = param_specs(config)
+    assert sum(int(np.prod(s.shape)) for s in specs.values()) == 16_375_728_128
+    for path, spec in specs.items():
+        with open(os.path.join(params, ".".join(path), ".zarray")) as f:
+            zarray = json.load(f)
+        assert tuple(zarray["shape"]) == spec.shape and zarray["dtype"] == "bfloat16"
+        chunks = zarray["chunks"]
+        assert np.prod(chunks) * 2 <= 16 * 2**20, path
+        for axis, size, chunk in zip(spec.axes, spec.shape, chunks, strict=True):
+            assert chunk == (1 if axis in ("layers", "expert") else chunk) and chunk <= size
+    experts = specs[("model", "segments", "1", "layers", "0", "mlp", "experts", "w_gate")]
+    assert experts.shape == (27, 64, 2048, 1408)
+    writer.abort()
+    assert sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(params) for f in fs) < 10**6
+
+
+def test_train_step_layout_finds_config(tmp_path):
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "100"
+    step.mkdir(parents=True)
+    write_config_files(str(run), CONFIG)
+    save_params(random_model(CONFIG, seed=6), str(step))
+    assert read_config(str(step)) == CONFIG
+    assert load_checkpoint(str(step)).config == CONFIG
+
+
+def test_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no params/ directory"):
+        load_checkpoint(str(tmp_path))
+    model = random_model(CONFIG, seed=7)
+    save_checkpoint(model, str(tmp_path / "ckpt"))
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_checkpoint(model, str(tmp_path / "ckpt"))
+    save_checkpoint(model, str(tmp_path / "ckpt"), overwrite=True)
+    other = CONFIG.replace(intermediate_size=64)
+    other.save_hf(str(tmp_path / "ckpt"))
+    with pytest.raises(CheckpointError, match=r"mlp\.(down|gate|up)_proj has shape .* config.json implies"):
+        load_checkpoint(str(tmp_path / "ckpt"))
