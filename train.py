@@ -44,7 +44,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--distributed",
         action="store_true",
-        help="call jax.distributed.initialize() first (multi-host runs; settings from the environment)",
+        help="join a multi-process run even if the environment does not show one (JAX then detects the cluster, "
+        "e.g. on Cloud TPU VM pods); launches through JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID, "
+        "SLURM, Open MPI or TPU pod variables are recognised without it",
     )
     return p
 
@@ -137,10 +139,13 @@ def run_prepare(argv) -> int:
 
 def run_train(argv) -> int:
     args = _train_parser().parse_args(argv)
-    if args.distributed:
-        import jax
+    from deepseekmoe_jax import distributed
 
-        jax.distributed.initialize()
+    try:  # before any other JAX call; a no-op for a single process
+        distributed.initialize(force=args.distributed)
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from deepseekmoe_jax.checkpoint import CheckpointError
     from deepseekmoe_jax.config import ConfigError, parse_value
     from deepseekmoe_jax.sharding import ShardingError

@@ -70,10 +70,8 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------------------------- mesh & batch
 def build_mesh(settings: MeshSettings):
-    """The device mesh of the ``mesh:`` section (`deepseekmoe_jax.sharding`'s constructor)."""
-    if hasattr(sh, "mesh_from_config"):
-        return sh.mesh_from_config(settings.as_dict())
-    return sh.make_mesh(**settings.as_dict())
+    """The device mesh of the ``mesh:`` section (over all devices of all processes)."""
+    return sh.mesh_from_config(settings.as_dict())
 
 
 def batch_sharding(mesh, rules, leading: int = 1) -> NamedSharding:
