@@ -10,7 +10,8 @@ Evaluation always uses the exact no-drop dispatch, so the eval loss compares the
 Columns: dropped = mean fraction of (token, choice) assignments that found no slot, over MoE layers and over the
 logged steps of the second half of the run; train loss = mean LM loss of the last 10 logged steps; eval loss = on
 the held-out split at the end; step time = median seconds per optimizer step over logged intervals after the
-first (compilation excluded); tokens/s likewise. Because a shared machine makes those timings drift between runs,
+first (compilation excluded); tokens/s likewise. Runs live in ``--work-dir``/<factor> and are replaced on every
+call. Because a shared machine makes those timings drift between runs,
 a second table times the compiled steps of all factors interleaved in one process (round robin, same batch,
 median over ``--timing-rounds`` rounds); the dispatch cost depends only on the capacity, not on the routing.
 """
@@ -21,6 +22,7 @@ import argparse
 import datetime
 import os
 import platform
+import shutil
 import statistics
 import sys
 
@@ -42,6 +44,7 @@ def parse_factors(text: str) -> list[float | None]:
 def run_one(config: str, factor: float | None, steps: int, work_dir: str, overrides: dict) -> dict:
     name = "nodrop" if factor is None else f"cf{factor:g}"
     run_dir = os.path.join(work_dir, name)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run every time: an existing one would only be resumed
     merged = {
         **overrides,
         "options.capacity_factor_train": factor,
