@@ -168,11 +168,14 @@ def run_train(argv) -> int:
         if value is not None:
             overrides[key] = value
 
-    print(_versions())
-    print(_devices())
+    import jax
+
+    say = print if jax.process_index() == 0 else (lambda *_a, **_k: None)  # errors still print on every process
+    say(_versions())
+    say(_devices())
     try:
         run = load_run_config(args.config, overrides)
-        print(f"config: {_display_path(args.config)}" + (f" with {overrides}" if overrides else ""))
+        say(f"config: {_display_path(args.config)}" + (f" with {overrides}" if overrides else ""))
         result = train(run, progress=not args.no_progress)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
@@ -183,13 +186,13 @@ def run_train(argv) -> int:
 
     if result.checkpoint:
         ckpt = _display_path(result.checkpoint)
-        print(f"checkpoint: {ckpt}")
-        print("sample from it:")
-        print(
+        say(f"checkpoint: {ckpt}")
+        say("sample from it:")
+        say(
             f"  python -m deepseekmoe_jax.sample --checkpoint {shlex.quote(ckpt)} --prompt {shlex.quote(SAMPLE_PROMPT)}"
         )
     if result.status == "terminated":
-        print(f"stopped at step {result.step}; run the same command again to resume")
+        say(f"stopped at step {result.step}; run the same command again to resume")
         return EXIT_TERMINATED
     return 0
 

@@ -401,7 +401,8 @@ def test_two_processes_run_the_same_training(reference_run, workdir, repo_root):
         )
     codes = [p.wait(timeout=300) for p in procs]
     assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
-    assert "2 process(es)" in logs[0].read_text() and "step " not in logs[1].read_text()  # process 0 logs
+    assert "2 process(es)" in logs[0].read_text()
+    assert "step " not in logs[1].read_text() and "deepseekmoe-jax" not in logs[1].read_text()  # process 0 logs
 
     records = read_jsonl(str(root / "run_mp" / "metrics.jsonl"))
     got = {r["step"]: r["loss"] for r in records if "loss" in r}
@@ -410,6 +411,6 @@ def test_two_processes_run_the_same_training(reference_run, workdir, repo_root):
     # Same computation, partly different reduction order across processes: equal to float32 rounding early on,
     # and still close after 40 steps of training.
     np.testing.assert_allclose([got[s] for s in range(1, 11)], [want[s] for s in range(1, 11)], rtol=1e-5)
-    np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)], rtol=1e-2)
+    np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)], rtol=1e-3)
     ckpt = root / "run_mp" / "checkpoints" / str(STEPS)
     assert load_checkpoint(ckpt).config.hidden_size == 32
