@@ -1,7 +1,7 @@
 """Train briefly at several MoE capacity factors and compare dropped assignments, loss and step time.
 
     python bench/capacity_factor.py [--config configs/tiny.yaml] [--steps 150] [--factors 1.0,1.25,1.5,2.0,none]
-                                    [--markdown docs/benchmarks_training.md]
+                                    [--markdown FILE]
 
 Every run starts from the same initial parameters and sees the same batches (same seed); only
 ``options.capacity_factor_train`` differs ("none" = no-drop: every expert gets a slot for every token of a group).

@@ -120,11 +120,17 @@ def resolve_dataset(run: RunConfig, log: Callable[[str], None]) -> TokenDataset:
         if jax.process_index() == 0:
             log(
                 f"preparing the built-in corpus: {len(files)} Python standard library files from "
-                f"{os.path.dirname(files[0])} -> {target} (byte-level tokenizer)"
+                f"{os.path.dirname(files[0])} -> {shown(target)} (byte-level tokenizer)"
             )
             prepare(files, target, ByteTokenizer(), val_fraction=d.val_fraction, progress=False)
         _sync("dataset prepared")
     return TokenDataset(target)
+
+
+def shown(path: str) -> str:
+    """``path`` as printed to the user: relative to the working directory when it lies inside it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 def _sync(name: str) -> None:
@@ -336,7 +342,8 @@ def data_sources(run: RunConfig, say) -> tuple[TokenDataset, BatchSource, BatchS
                 "(val split empty or too short); evaluation is off"
             )
     say(
-        f"data: {dataset.directory}: train {train_split.num_tokens:,} tokens ({train_split.documents} documents, "
+        f"data: {shown(dataset.directory)}: train {train_split.num_tokens:,} tokens "
+        f"({train_split.documents} documents, "
         f"{train_src.num_windows:,} sequences of {s.seq_len})"
         + (f", held-out {eval_src.split.num_tokens:,} tokens" if eval_src else "")
     )
@@ -384,7 +391,7 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
     if peak is None:
         say(f"MFU: not reported ({peak_source})")
     say(
-        f"run: {run_dir} | steps {s.steps} | batch {s.batch_size} x {s.seq_len} tokens"
+        f"run: {shown(run_dir)} | steps {s.steps} | batch {s.batch_size} x {s.seq_len} tokens"
         f"{f' in {s.grad_accum} micro-batches' if s.grad_accum > 1 else ''} | lr {s.learning_rate:g} "
         f"({s.schedule}, warmup {s.warmup_steps})"
     )
