@@ -200,6 +200,10 @@ def test_expert_sharded_step_uses_all_to_all(sharded_runs, mesh_name):
     for kind, op_name in ops:
         if kind in ("all-gather", "all-reduce"):
             assert "gsec,gsh->egch" not in op_name and "gsec,egch->gsh" not in op_name, (kind, op_name)
+    # The routing stays with its tokens: no collective gathers gate scores for the top-k (a stable sort in moe.route;
+    # XLA would gather the whole [b, t, e] score tensor for a lax.top_k).
+    gathered = [op_name for kind, op_name in ops if kind == "all-gather"]
+    assert not any(("sort" in n or "top_k" in n or "softmax" in n) for n in gathered), gathered
 
 
 def test_single_device_step_has_no_collectives(sharded_runs):
