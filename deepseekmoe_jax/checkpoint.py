@@ -25,8 +25,10 @@ checkpoints) or without (converted checkpoints).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -136,6 +138,24 @@ def save_checkpoint(model: nnx.Module, directory: str | os.PathLike, *, overwrit
         raise
 
 
+class _MissingItemMetadata(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Metadata file does not exist" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_missing_item_metadata():
+    """Orbax warns that a ``params`` item saved by a CheckpointManager (a training step) has no checkpoint-level
+    metadata file of its own; that is how such items are laid out, not a problem, so the warning is filtered."""
+    flt = _MissingItemMetadata()
+    logger = logging.getLogger("absl")
+    logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        logger.removeFilter(flt)
+
+
 def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None):
     """A ready `DeepseekForCausalLM` from a model directory (or a training step directory).
 
@@ -175,7 +195,8 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
         nnx.to_pure_dict(shardings),
     )
     try:
-        restored = ocp.StandardCheckpointer().restore(params_dir, target)
+        with _quiet_missing_item_metadata():
+            restored = ocp.StandardCheckpointer().restore(params_dir, target)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{params_dir}: cannot restore parameters for this config ({e})") from None
     nnx.replace_by_pure_dict(params_state, restored)
@@ -397,7 +418,8 @@ class ParamsReader:
 
         self.params_dir = params_dir_of(path)
         try:
-            metadata = ocp.StandardCheckpointer().metadata(self.params_dir)
+            with _quiet_missing_item_metadata():
+                metadata = ocp.StandardCheckpointer().metadata(self.params_dir)
         except Exception as e:  # noqa: BLE001 (Orbax raises many types for unreadable directories)
             raise CheckpointError(f"{self.params_dir}: not a readable Orbax checkpoint ({e})") from None
         self.leaves = {p: m for p, m in _metadata_tree(metadata).items()}
