@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from convert.common import versions_line  # noqa: E402
-from deepseekmoe_jax.config import DeepseekConfig  # noqa: E402
+from deepseekmoe_jax.config import DeepseekConfig, read_config_file  # noqa: E402
 from deepseekmoe_jax.hf_io import (  # noqa: E402
     HFCheckpoint,
     PlannedTensor,
@@ -43,39 +43,8 @@ from deepseekmoe_jax.hf_io import (  # noqa: E402
 )
 from deepseekmoe_jax.hf_weights import hf_key_shapes  # noqa: E402
 
-# deepseek-moe-16b-base's config.json, except the layer count.
-CONFIG_16B = {
-    "architectures": ["DeepseekForCausalLM"],
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "bos_token_id": 100000,
-    "eos_token_id": 100001,
-    "first_k_dense_replace": 1,
-    "hidden_act": "silu",
-    "hidden_size": 2048,
-    "initializer_range": 0.02,
-    "intermediate_size": 10944,
-    "max_position_embeddings": 4096,
-    "model_type": "deepseek",
-    "moe_intermediate_size": 1408,
-    "moe_layer_freq": 1,
-    "n_routed_experts": 64,
-    "n_shared_experts": 2,
-    "norm_topk_prob": False,
-    "num_attention_heads": 16,
-    "num_experts_per_tok": 6,
-    "num_hidden_layers": 28,
-    "num_key_value_heads": 16,
-    "pretraining_tp": 1,
-    "rms_norm_eps": 1e-06,
-    "rope_scaling": None,
-    "rope_theta": 10000,
-    "scoring_func": "softmax",
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "use_cache": True,
-    "vocab_size": 102400,
-}
+# deepseek-moe-16b-base's config.json (the preset holds it field for field); the benchmark changes the layer count.
+CONFIG_16B = read_config_file(os.path.join(ROOT, "configs", "deepseekmoe-16b.yaml"))["model"]
 
 
 def synthetic_checkpoint(directory: str, layers: int, shard_bytes: int, seed: int = 0) -> int:
