@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -120,21 +121,51 @@ def save_params(model: nnx.Module, directory: str | os.PathLike) -> None:
 
 def save_checkpoint(model: nnx.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Write a complete model directory (config files + params) atomically: built next to ``directory`` and
-    renamed into place; an existing ``directory`` is only replaced with ``overwrite=True``."""
+    renamed into place; an existing ``directory`` is only replaced with ``overwrite=True``.
+
+    In a multi-process run every process must call this with the same ``directory`` on a filesystem they share:
+    each writes the shards of the parameters it holds, and process 0 writes the config files and renames the
+    finished directory into place.
+    """
+    import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
+
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not overwrite:
         raise CheckpointError(f"{directory} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    multi_process = jax.process_count() > 1
+    primary = jax.process_index() == 0
+
+    def barrier(stage: str) -> None:
+        if multi_process:
+            multihost_utils.sync_global_devices(f"deepseekmoe_jax.save_checkpoint:{directory}:{stage}")
+
+    if multi_process:
+        # Every process must write into the same staging directory, so its name is fixed rather than random.
+        tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-saving")
+        if primary:
+            os.makedirs(parent, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+    else:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     try:
-        write_config_files(tmp, model.config, {"param_dtype": model.config.options.param_dtype})
-        save_params(model, tmp)
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        barrier("staged")
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, PARAMS_DIR), param_tree(model))
+        ckptr.wait_until_finished()
+        barrier("written")
+        if primary:
+            write_config_files(tmp, model.config, {"param_dtype": model.config.options.param_dtype})
+            if os.path.exists(directory):
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        barrier("renamed")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -156,13 +187,13 @@ def _quiet_missing_item_metadata():
         logger.removeFilter(flt)
 
 
-def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None):
+def load_checkpoint(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None):
     """A ready `DeepseekForCausalLM` from a model directory (or a training step directory).
 
     Args:
-      path: directory holding ``params/`` (config files here or up to two levels above).
+      ckpt_dir: directory holding ``params/`` (config files here or up to two levels above).
       mesh: restore each parameter directly sharded over this mesh (logical-axis rules of the config); default:
-        the default device.
+        this process's first device (in a multi-process run, each process then holds a full copy).
       dtype: parameter dtype to restore into (e.g. "bfloat16" for inference); default: the saved one.
     """
     import orbax.checkpoint as ocp
@@ -170,7 +201,7 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     from deepseekmoe_jax.model import DeepseekForCausalLM
     from deepseekmoe_jax.sharding import check_mesh_fits, param_shardings, rules_for
 
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.abspath(os.fspath(ckpt_dir))
     params_dir = os.path.join(path, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise CheckpointError(
@@ -178,7 +209,9 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
             "deepseekmoe-convert hf-to-jax or a train.py checkpoint step"
         )
     config = read_config(path)
-    ParamsReader(params_dir).check_matches(config)
+    reader = ParamsReader(params_dir)
+    reader.check_matches(config)
+    reader.check_complete()
     if dtype is not None:
         config = config.with_options(param_dtype=str(jnp.dtype(dtype)))
     abstract = nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
@@ -187,7 +220,7 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
         check_mesh_fits(config, mesh)
         shardings = param_shardings(params_state, rules_for(config), mesh)
     else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, params_state)
     target = jax.tree.map(
         lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
@@ -197,8 +230,12 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     try:
         with _quiet_missing_item_metadata():
             restored = ocp.StandardCheckpointer().restore(params_dir, target)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"{params_dir}: cannot restore parameters for this config ({e})") from None
+    except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise many types for damaged directories)
+        detail = (str(e).splitlines() or [type(e).__name__])[0].split(" See full TensorStore details")[0]
+        raise CheckpointError(
+            f"{params_dir}: cannot restore the parameters ({detail}); the directory is incomplete or damaged, "
+            "convert or copy it again"
+        ) from None
     nnx.replace_by_pure_dict(params_state, restored)
     return nnx.merge(graphdef, params_state, rest)
 
@@ -425,22 +462,26 @@ class ParamsReader:
         self.leaves = {p: m for p, m in _metadata_tree(metadata).items()}
         if not self.leaves:
             raise CheckpointError(f"{self.params_dir}: the Orbax checkpoint holds no arrays")
-        self.use_ocdbt, self.use_zarr3 = self._storage_format()
+        self.use_ocdbt, self.use_zarr3, self.every_chunk_stored = self._storage_format()
         self._context = _ts().Context({"cache_pool": {"total_bytes_limit": 0}})
         self._open: dict[LeafPath, Any] = {}
 
-    def _storage_format(self) -> tuple[bool, bool]:
+    def _storage_format(self) -> tuple[bool, bool, bool]:
+        """(OCDBT?, zarr3?, every chunk stored?). Orbax stores every chunk, even one equal to the fill value, and
+        says so in ``_METADATA``; then a missing chunk is damage, and reading it must fail rather than give the
+        fill value (zeros)."""
         meta_file = os.path.join(self.params_dir, "_METADATA")
         ocdbt = os.path.isfile(os.path.join(self.params_dir, "manifest.ocdbt"))
-        zarr3 = False
+        zarr3 = every_chunk = False
         try:
             with open(meta_file, encoding="utf-8") as f:
                 meta = json.load(f)
             ocdbt = bool(meta.get("use_ocdbt", ocdbt))
             zarr3 = bool(meta.get("use_zarr3", False))
-        except (OSError, json.JSONDecodeError):
+            every_chunk = bool(meta.get("store_array_data_equal_to_fill_value", False))
+        except (OSError, json.JSONDecodeError, AttributeError):
             pass
-        return ocdbt, zarr3
+        return ocdbt, zarr3, every_chunk
 
     def shape(self, path: LeafPath) -> tuple[int, ...]:
         return tuple(self.leaves[path].shape)
@@ -460,7 +501,11 @@ class ParamsReader:
                 kvstore = {"driver": "ocdbt", "base": f"file://{self.params_dir}/", "path": name}
             else:
                 kvstore = {"driver": "file", "path": os.path.join(self.params_dir, name)}
-            spec = {"driver": "zarr3" if self.use_zarr3 else "zarr", "kvstore": kvstore}
+            spec = {
+                "driver": "zarr3" if self.use_zarr3 else "zarr",
+                "kvstore": kvstore,
+                "fill_missing_data_reads": not self.every_chunk_stored,
+            }
             try:
                 array = _ts().open(spec, open=True, read=True, context=self._context).result()
             except Exception as e:  # noqa: BLE001
@@ -513,6 +558,37 @@ class ParamsReader:
                 "the parameters and config.json belong to different models"
             )
         return specs
+
+    def check_complete(self) -> None:
+        """Raise `CheckpointError` naming the first missing chunk file of any array.
+
+        Only for the one-array-per-leaf layout with every chunk stored (what the converter writes): there each chunk
+        is a file, and a partial copy can lose some while the array still opens (and would read as zeros). OCDBT
+        checkpoints keep their chunks in a few database files, whose loss Orbax and TensorStore report themselves.
+        """
+        if self.use_ocdbt or self.use_zarr3 or not self.every_chunk_stored:
+            return  # zarr3 chunk keys depend on the chunk-key encoding; TensorStore reports missing ones on read
+        for path in sorted(self.leaves, key=leaf_name):
+            array_dir = os.path.join(self.params_dir, leaf_name(path))
+            try:
+                with open(os.path.join(array_dir, ".zarray"), encoding="utf-8") as f:
+                    meta = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{self.params_dir}: array {leaf_name(path)} is unreadable ({e})") from None
+            sep = meta.get("dimension_separator") or "."
+            grid = [
+                range(-(-n // max(c, 1))) for n, c in zip(meta.get("shape", []), meta.get("chunks", []), strict=False)
+            ]
+            present = set(os.listdir(array_dir)) if sep == "." else None
+            for cell in itertools.product(*grid):
+                key = sep.join(str(i) for i in cell) or "0"
+                found = key in present if present is not None else os.path.isfile(os.path.join(array_dir, key))
+                if not found:
+                    raise CheckpointError(
+                        f"{self.params_dir}: array {leaf_name(path)} is missing its chunk file {key} (chunk "
+                        f"{list(cell)} of a {[len(g) for g in grid]} grid); the checkpoint was not copied or "
+                        "written completely, so convert or copy it again"
+                    )
 
     def iter_leaves(self) -> Iterator[tuple[LeafPath, tuple[int, ...], np.dtype]]:
         for path in sorted(self.leaves, key=leaf_name):

@@ -198,10 +198,66 @@ class DeepseekConfig:
         )
 
     # ------------------------------------------------------------------ validation
+    _INT_FIELDS = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "moe_layer_freq",
+        "first_k_dense_replace",
+        "max_position_embeddings",
+        "pretraining_tp",
+    )
+    _OPTIONAL_INT_FIELDS = (
+        "n_shared_experts",
+        "n_routed_experts",
+        "num_experts_per_tok",
+        "pad_token_id",
+        "bos_token_id",
+    )
+    _BOOL_FIELDS = ("norm_topk_prob", "seq_aux", "use_cache", "tie_word_embeddings", "attention_bias")
+    _FLOAT_FIELDS = ("aux_loss_alpha", "initializer_range", "rms_norm_eps", "rope_theta", "attention_dropout")
+    _STR_FIELDS = ("scoring_func", "hidden_act")
+
+    def _validate_types(self):
+        """JSON types of the HF fields: a string "false" for a flag, or a quoted number, would otherwise be
+        accepted and silently change the model (any non-empty string is true)."""
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def bad(field, expected):
+            value = getattr(self, field)
+            raise ConfigError(f"config field '{field}'={value!r}: expected {expected}, found a {type(value).__name__}")
+
+        for f in self._INT_FIELDS:
+            if not is_int(getattr(self, f)):
+                bad(f, "an integer")
+        for f in self._OPTIONAL_INT_FIELDS:
+            if getattr(self, f) is not None and not is_int(getattr(self, f)):
+                bad(f, "an integer or null")
+        for f in self._BOOL_FIELDS:
+            if not isinstance(getattr(self, f), bool):
+                bad(f, "true or false")
+        for f in self._FLOAT_FIELDS:
+            if not (is_int(getattr(self, f)) or isinstance(getattr(self, f), float)):
+                bad(f, "a number")
+        for f in self._STR_FIELDS:
+            if not isinstance(getattr(self, f), str):
+                bad(f, "a string")
+        eos = self.eos_token_id
+        if not (eos is None or is_int(eos) or (isinstance(eos, tuple) and all(is_int(t) for t in eos))):
+            bad("eos_token_id", "an integer, a list of integers or null")
+
     def _validate(self):
         def need(cond, field, msg):
             if not cond:
                 raise ConfigError(f"config field '{field}'={getattr(self, field)!r}: {msg}")
+
+        self._validate_types()
 
         for f in (
             "vocab_size",

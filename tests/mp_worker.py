@@ -74,11 +74,13 @@ def problem():
     return config, batch
 
 
-def run_step(mesh, feed, *, gather_initial=False):
+def run_step(mesh, feed, *, gather_initial=False, save_to=None):
     """One sharded training step on ``mesh``; ``feed(global_batch, rules)`` places the batch on the mesh.
 
     Returns the metrics (dict of floats) and, as nested dicts of fully gathered numpy arrays, the initial
-    parameters (None unless ``gather_initial``), the updated parameters and the optimizer's updates.
+    parameters (None unless ``gather_initial``), the updated parameters and the optimizer's updates. With
+    ``save_to``, the updated model is also saved there with `deepseekmoe_jax.save_checkpoint` (every process
+    writes its shards) and loaded back onto ``mesh``; the reloaded parameters must equal the updated ones.
     """
     import jax
     import jax.numpy as jnp
@@ -123,6 +125,19 @@ def run_step(mesh, feed, *, gather_initial=False):
     (new_params, _), (metrics, updates) = step(state, feed(batch, rules))
     values = {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
     updated = multihost_utils.process_allgather(nnx.to_pure_dict(new_params), tiled=True)
+    if save_to is not None:
+        from deepseekmoe_jax import load_checkpoint, save_checkpoint
+
+        save_checkpoint(nnx.merge(graphdef, new_params), save_to)
+        reloaded = load_checkpoint(save_to, mesh=mesh)
+        for a, b in zip(
+            jax.tree.leaves(updated),
+            jax.tree.leaves(
+                multihost_utils.process_allgather(nnx.to_pure_dict(nnx.state(reloaded, nnx.Param)), tiled=True)
+            ),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     updates = jax.tree.map(lambda u: np.asarray(u.addressable_data(0)), updates)  # replicated outputs
     return values, initial, jax.tree.map(np.asarray, updated), updates
 
@@ -139,6 +154,7 @@ def flatten(tree, prefix=""):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file for this process's results")
+    parser.add_argument("--save", help="also save the updated model here (a model directory) and reload it")
     args = parser.parse_args(argv)
     start = time.time()
 
@@ -159,7 +175,7 @@ def main(argv=None) -> int:
         local = {k: v[rows] for k, v in batch.items()}  # this process reads only its own rows
         return distributed.global_batch_from_local(local, mesh, GLOBAL_BATCH, rules)
 
-    metrics, _, params, updates = run_step(mesh, feed)
+    metrics, _, params, updates = run_step(mesh, feed, save_to=args.save)
     result = {
         "launch": None if launch is None else launch.source,
         "process_index": distributed.process_index(),

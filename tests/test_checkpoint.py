@@ -104,7 +104,7 @@ def test_converted_layout_restores_onto_a_mesh(tmp_path):
 def test_load_with_dtype(tmp_path):
     model = random_model(CONFIG, seed=4)
     save_checkpoint(model, str(tmp_path / "ckpt"))
-    restored = load_checkpoint(str(tmp_path / "ckpt"), dtype="bfloat16")
+    restored = load_checkpoint(ckpt_dir=str(tmp_path / "ckpt"), dtype="bfloat16")
     assert restored.config.options.param_dtype == "bfloat16"
     original = flat_params(model)
     for path, value in flat_params(restored).items():
@@ -172,3 +172,25 @@ def test_errors(tmp_path):
     other.save_hf(str(tmp_path / "ckpt"))
     with pytest.raises(CheckpointError, match=r"mlp\.(down|gate|up)_proj has shape .* config.json implies"):
         load_checkpoint(str(tmp_path / "ckpt"))
+
+
+def test_missing_chunk_is_reported_not_read_as_zeros(tmp_path):
+    """A converted directory that lost one chunk file (a partial copy) still opens, and its array would read the
+    missing chunk as zeros; loading and slice reading must both refuse, naming the array and the chunk."""
+    model = random_model(CONFIG, seed=8)
+    directory = str(tmp_path / "conv")
+    _write_converted(model, directory)
+    name = "model.segments.1.layers.0.mlp.experts.w_up"
+    array_dir = os.path.join(directory, PARAMS_DIR, name)
+    chunks = sorted(f for f in os.listdir(array_dir) if not f.startswith("."))
+    assert len(chunks) > 1
+    lost = chunks[len(chunks) // 2]
+    os.remove(os.path.join(array_dir, lost))
+    with pytest.raises(CheckpointError, match=rf"{name} is missing its chunk file {lost}\b"):
+        load_checkpoint(directory)
+    reader = ParamsReader(directory)
+    with pytest.raises(CheckpointError, match=rf"cannot read {name}.*missing"):
+        reader.read(leaf_path(tuple(name.split("."))))
+    # An intact sibling is unaffected.
+    path = leaf_path(tuple("model.segments.1.layers.0.mlp.experts.w_down".split(".")))
+    np.testing.assert_array_equal(reader.read(path), np.asarray(flat_params(model)[path]))

@@ -91,12 +91,23 @@ def test_16b_preset_is_the_real_config():
         ({"model_type": "deepseek_v2"}, "model_type"),
         ({"n_routed_experts": 0}, "n_routed_experts"),
         ({"vocab_size": -3}, "vocab_size"),
+        # Wrong JSON types: a quoted flag would be truthy, a quoted number would fail deep inside the model.
+        ({"norm_topk_prob": "false"}, "norm_topk_prob"),
+        ({"seq_aux": 0}, "seq_aux"),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings"),
+        ({"n_shared_experts": True}, "n_shared_experts"),
+        ({"max_position_embeddings": True}, "max_position_embeddings"),
+        ({"hidden_size": 2048.0}, "hidden_size"),
+        ({"rms_norm_eps": "1e-6"}, "rms_norm_eps"),
+        ({"rope_theta": "1e4"}, "rope_theta"),
+        ({"aux_loss_alpha": None}, "aux_loss_alpha"),
+        ({"eos_token_id": "100001"}, "eos_token_id"),
     ],
 )
 def test_invalid_config_names_the_field(change, field):
     with pytest.raises(ConfigError) as err:
         DeepseekConfig.from_hf({**CONFIG_16B, **change})
-    assert field in str(err.value)
+    assert f"'{field}'" in str(err.value) or f"{field}=" in str(err.value), str(err.value)
 
 
 def test_bad_files_give_clear_errors(tmp_path):

@@ -1,7 +1,9 @@
 """A real two-process run: two Python processes on localhost, 4 CPU devices each, joined by JAX's distributed
 runtime through `deepseekmoe_jax.distributed.initialize`, run one sharded training step (tests/mp_worker.py) with
 each process loading only its half of the global batch. They must agree with each other and with the same step
-run here in one process on 8 devices: loss and every updated parameter.
+run here in one process on 8 devices: loss and every updated parameter. The workers then save the updated model
+together with `save_checkpoint` (each writing its own shards) and load it back; it is loaded here too, onto
+another mesh.
 """
 
 import json
@@ -14,9 +16,10 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from mp_worker import GLOBAL_BATCH, MESH, flatten, run_step
 
-from deepseekmoe_jax import sharding
+from deepseekmoe_jax import load_checkpoint, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "mp_worker.py")
@@ -53,7 +56,7 @@ class Workers:
         self.logs = [open(tmp_path / f"process{i}.log", "w+b") for i in range(NUM_PROCESSES)]  # noqa: SIM115
         self.procs = [
             subprocess.Popen(
-                [sys.executable, WORKER, "--out", str(self.outs[i])],
+                [sys.executable, WORKER, "--out", str(self.outs[i]), "--save", str(tmp_path / "saved")],
                 env=worker_env(port, i),
                 cwd=ROOT,
                 stdout=self.logs[i],
@@ -138,3 +141,14 @@ def test_two_processes_agree_with_one(tmp_path):
         np.testing.assert_allclose(got_updates[key], update, rtol=RTOL, atol=RTOL * np.abs(update).max(), err_msg=key)
         np.testing.assert_allclose(got_params[key], initial[key] + update, rtol=1e-6, atol=1e-7, err_msg=key)
         np.testing.assert_allclose(got_params[key], want_params[key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+    # The model directory both processes wrote together: complete, nothing staged left behind, and it loads here
+    # onto a different mesh with exactly the parameters the single-process step computed.
+    saved = tmp_path / "saved"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert {"config.json", "deepseekmoe_jax.json", "params"} <= {p.name for p in saved.iterdir()}
+    reloaded = load_checkpoint(str(saved), mesh=sharding.make_mesh(fsdp=2, expert=2, tensor=2))
+    got = flatten(nnx.to_pure_dict(nnx.state(reloaded, nnx.Param)))
+    assert sorted(got) == sorted(want_params)
+    for key, value in want_params.items():
+        np.testing.assert_allclose(np.asarray(got[key]), value, rtol=1e-6, atol=1e-7, err_msg=key)
