@@ -157,14 +157,22 @@ def load_reference_state_dict(model, state_dict: Mapping, config: DeepseekConfig
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in plain.items() if k in own}, strict=True)
 
 
-def reference_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
-    """float32 logits [B, T, V] of the reference model."""
+def reference_logits(
+    model, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, position_ids: np.ndarray | None = None
+) -> np.ndarray:
+    """float32 logits [B, T, V] of the reference model (``position_ids`` [B, T]: default ``0..T-1``)."""
     import torch
 
+    def tensor(a):
+        return None if a is None else torch.from_numpy(np.asarray(a, dtype=np.int64))
+
     with torch.no_grad():
-        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
-        mask = None if attention_mask is None else torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
-        out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+        out = model(
+            input_ids=tensor(input_ids),
+            attention_mask=tensor(attention_mask),
+            position_ids=tensor(position_ids),
+            use_cache=False,
+        )
     return out.logits.float().numpy()
 
 

@@ -403,20 +403,10 @@ def param_shardings(state, rules: Mapping[str, Any], mesh: Mesh):
     )
 
 
-def create_sharded_model(
-    config,
-    mesh: Mesh,
-    *,
-    seed: int = 0,
-    rules: Mapping[str, Any] | None = None,
-    compiler_options: Mapping[str, Any] | None = None,
-):
-    """Build a `DeepseekForCausalLM` whose parameters are born sharded over ``mesh`` (no full copy anywhere).
-
-    The initialiser runs under `jax.jit` with ``out_shardings`` from the logical-axis rules (default: the config's
-    `rules_for`), so each device only ever materialises its own shard. The values depend only on ``seed``, not on
-    the mesh. ``compiler_options`` are passed to `jax.jit` (XLA options for the initialiser's compilation).
-    """
+def lower_sharded_init(config, mesh: Mesh, *, seed: int = 0, rules: Mapping[str, Any] | None = None):
+    """``(graphdef, lowered)``: the model's initialiser traced under ``mesh`` and lowered with ``out_shardings`` from
+    the logical-axis rules, ready to compile (what `create_sharded_model` runs; its compiled memory analysis shows
+    what one device allocates)."""
     from flax import nnx
 
     from deepseekmoe_jax.model import DeepseekForCausalLM
@@ -431,9 +421,29 @@ def create_sharded_model(
         return nnx.state(DeepseekForCausalLM(config, rngs=nnx.Rngs(seed)))
 
     with use_mesh(mesh, rules):
-        options = dict(compiler_options) if compiler_options else None
-        state = jax.jit(init, out_shardings=shardings, compiler_options=options)()
-    return nnx.merge(graphdef, state)
+        lowered = jax.jit(init, out_shardings=shardings).lower()
+    return graphdef, lowered
+
+
+def create_sharded_model(
+    config,
+    mesh: Mesh,
+    *,
+    seed: int = 0,
+    rules: Mapping[str, Any] | None = None,
+    compiler_options: Mapping[str, Any] | None = None,
+):
+    """Build a `DeepseekForCausalLM` whose parameters are born sharded over ``mesh`` (no full copy anywhere).
+
+    The initialiser runs compiled with ``out_shardings`` from the logical-axis rules (default: the config's
+    `rules_for`), so each device only ever materialises its own shard. The values depend only on ``seed``, not on
+    the mesh. ``compiler_options`` are XLA options for the initialiser's compilation.
+    """
+    from flax import nnx
+
+    graphdef, lowered = lower_sharded_init(config, mesh, seed=seed, rules=rules)
+    compiled = lowered.compile(dict(compiler_options) if compiler_options else None)
+    return nnx.merge(graphdef, compiled())
 
 
 # ----------------------------------------------------------------------------------------------- batches and jit

@@ -22,6 +22,9 @@ from deepseekmoe_jax.config import capacity
 from deepseekmoe_jax.moe import MoEBlock, dispatch_tensors, route
 
 E, K, H, WIDTH = 8, 2, 16, 8
+# Weights of order one (not the training init's 0.006), so that routed outputs are far above the tolerances and a
+# wrong, missing or wrongly dropped assignment shows.
+INIT_STD = 0.3
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 
 
@@ -34,7 +37,12 @@ def _config(group_size, capacity_factor, n_shared=1, norm=False):
         moe_intermediate_size=WIDTH,
         n_shared_experts=n_shared,
         norm_topk_prob=norm,
-        options={"moe_group_size": group_size, "capacity_factor_train": capacity_factor, "min_capacity": 1},
+        options={
+            "moe_group_size": group_size,
+            "capacity_factor_train": capacity_factor,
+            "min_capacity": 1,
+            "init_std": INIT_STD,
+        },
     )
 
 
@@ -99,9 +107,13 @@ def test_no_drop_equals_per_token_evaluation(seed, pad):
     mask = np.ones((2, 12), bool)
     mask[1, :pad] = False
     out = run(state, jnp.asarray(x), jnp.asarray(mask))
-    expected = _expected(_np_params(block), x, mask, group=8, cap=8)
+    params = _np_params(block)
+    expected = _expected(params, x, mask, group=8, cap=8)
     np.testing.assert_allclose(np.asarray(out.out)[mask], expected[mask], rtol=1e-4, atol=1e-5)
     assert float(out.metrics.dropped_fraction) == 0.0
+    # The routed experts carry much of the output: dropping them all would fail the comparison above.
+    shared_only = _expected(params, x, mask, group=8, cap=0)
+    assert np.abs(expected - shared_only)[mask].max() > 100 * 1e-4 * np.abs(expected).max()
 
 
 @SETTINGS
@@ -114,8 +126,14 @@ def test_capacity_keeps_first_come_and_drops_the_rest(seed, cf, spread):
     x = (spread * rng.normal(size=(3, 12, H))).astype(np.float32)
     mask = np.ones((3, 12), bool)
     out = run(state, jnp.asarray(x), jnp.asarray(mask))
-    expected = _expected(_np_params(block), x, mask, group=6, cap=cap)
+    params = _np_params(block)
+    expected = _expected(params, x, mask, group=6, cap=cap)
     np.testing.assert_allclose(np.asarray(out.out), expected, rtol=1e-4, atol=1e-5)
+    # Whenever an assignment was dropped, keeping it would have changed the output well beyond the tolerance, so
+    # the comparison above tells kept from dropped assignments.
+    if float(out.metrics.dropped_fraction) > 0:
+        no_drop = _expected(params, x, mask, group=6, cap=6)
+        assert np.abs(no_drop - expected).max() > 100 * (1e-5 + 1e-4 * np.abs(expected).max())
 
 
 @functools.cache

@@ -3,10 +3,12 @@
 Tolerance: max |diff| <= 1e-4 x max |logit| in the exact no-drop mode (evaluation default).
 """
 
+import jax
 import numpy as np
 import pytest
 import torch
 from conftest import jit_forward, small_config
+from flax import nnx
 from torch_spec import SpecMoE, spec_expert_loss
 
 from deepseekmoe_jax.hf_weights import model_from_hf_state_dict
@@ -54,6 +56,26 @@ def test_dynamic_rope_below_and_above_the_limit():
     config = small_config(rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=16)
     assert max(compare_with_reference(config, (3,), seq=12)) <= TOL  # below max_position_embeddings: unscaled
     assert max(compare_with_reference(config, (3,), seq=40)) <= TOL  # above: NTK-scaled base
+
+
+@pytest.mark.parametrize("rope", ["plain", "linear"])
+def test_explicit_positions_match_reference(rope):
+    """``positions=`` (a continuation of an earlier prefix; positions restarting mid-row) gives the reference's
+    logits for the same ``position_ids``, and differs from the default positions. Positions only move the rotary
+    phases, attention stays causal over the whole row, as in the v1 modeling code; the explicit all-ones mask keeps
+    transformers from reading restarts as packed documents."""
+    config = small_config(rope_scaling={"type": "linear", "factor": 2.0} if rope == "linear" else None)
+    ref = build_reference(config, seed=5)
+    model = model_from_hf_state_dict(config, reference_state_dict(ref, config))
+    ids = np.random.default_rng(5).integers(0, config.vocab_size, (2, 10))
+    positions = np.stack([np.arange(10) + 7, np.r_[np.arange(4), np.arange(6)]]).astype(np.int32)
+    expected = reference_logits(ref, ids, np.ones_like(ids), position_ids=positions)
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, i, p: nnx.merge(graphdef, s)(i, None, p).logits)
+    got = np.asarray(forward(state, ids, positions))
+    assert relative_max_diff(expected, got) <= TOL
+    default = np.asarray(forward(state, ids, np.broadcast_to(np.arange(10, dtype=np.int32), (2, 10))))
+    assert relative_max_diff(expected, default) > 10 * TOL
 
 
 def _spec_reference(config, seed):

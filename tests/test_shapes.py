@@ -82,3 +82,33 @@ def test_traced_program_does_not_grow_with_depth():
         state, jax.ShapeDtypeStruct((1, 8), jnp.int32)
     )
     assert len(jaxpr.jaxpr.eqns) > n_equations(12)  # the unrolled variant does grow (sanity check of the measure)
+
+
+def test_gate_and_norm_statistics_are_float32_under_bfloat16():
+    """With bfloat16 parameters and compute, the router's logits and softmax and RMSNorm's statistics are still
+    float32: they equal a float64 evaluation of the same bfloat16 numbers to float32 accuracy, which bfloat16
+    arithmetic (8 bits of mantissa) would miss by orders of magnitude."""
+    from deepseekmoe_jax.layers import RMSNorm
+    from deepseekmoe_jax.moe import MoEGate
+
+    config = small_config(options={"param_dtype": "bfloat16", "dtype": "bfloat16", "init_std": 0.3})
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 16, config.hidden_size)) * 3.0, jnp.bfloat16)
+    gate = MoEGate(config, rngs=nnx.Rngs(0))
+    assert gate.kernel[...].dtype == jnp.bfloat16
+    routing = gate(x)
+    assert routing.weights.dtype == jnp.float32
+    logits = np.asarray(x, np.float64) @ np.asarray(gate.kernel[...], np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.take_along_axis(probs, np.asarray(routing.indices), axis=-1)
+    np.testing.assert_allclose(np.asarray(routing.weights), want, rtol=2e-5, atol=1e-7)
+
+    norm = RMSNorm(config.hidden_size, 1e-6, param_dtype=jnp.bfloat16)
+    norm.weight[...] = jnp.asarray(1 + 0.1 * rng.normal(size=config.hidden_size), jnp.bfloat16)
+    out = norm(x)
+    assert out.dtype == jnp.bfloat16
+    x64 = np.asarray(x, np.float64)
+    normed = (x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-6)).astype(jnp.bfloat16)
+    want = (np.asarray(norm.weight[...], np.float64) * np.asarray(normed, np.float64)).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
