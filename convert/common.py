@@ -123,15 +123,38 @@ def staging_dir(out_dir: str, *, overwrite: bool, inputs: tuple[str, ...] = ()) 
         yield tmp
         fsync_tree(tmp)
         if os.path.lexists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.replace(out_dir, os.path.join(old, "previous"))
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            _swap_in(tmp, out_dir)
         else:
             os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(tmp: str, out_dir: str) -> None:
+    """Replace the existing ``out_dir`` by ``tmp`` with two renames (a directory cannot be renamed over a non-empty
+    one). If the second rename fails, the previous ``out_dir`` is moved back before the error is re-raised."""
+    parent = os.path.dirname(out_dir)
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+    previous = os.path.join(old, "previous")
+    try:
+        os.replace(out_dir, previous)
+    except BaseException:
+        os.rmdir(old)
+        raise
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException as e:
+        try:
+            os.replace(previous, out_dir)
+        except OSError as restore_error:
+            raise ConvertError(
+                f"{out_dir}: could not be replaced ({e}) nor restored ({restore_error.strerror or restore_error}); "
+                f"its previous contents are kept in {previous}: move them back by hand"
+            ) from e
+        os.rmdir(old)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def fsync_tree(directory: str) -> None:
@@ -215,6 +238,9 @@ def progress_bar(total_bytes: int, total_tensors: int, desc: str, enabled: bool)
         unit_scale=True,
         unit_divisor=1024,
         desc=desc,
+        # tqdm's default shows sizes without their unit ("57.1k/57.1k"); spell out that they count bytes.
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}{unit}/{total_fmt}{unit} "
+        "[{elapsed}<{remaining}, {rate_fmt}{postfix}]",
         disable=not enabled,
         file=sys.stderr,
         dynamic_ncols=True,

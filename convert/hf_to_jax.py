@@ -77,6 +77,13 @@ def _hint(key: str, config: DeepseekConfig) -> str:
     return config_fields(config, fields)
 
 
+def _searched(ckpt: HFCheckpoint) -> str:
+    """Where the tensors of ``ckpt`` were looked up: its index file and shards, or its single weight file."""
+    if ckpt.index_file is None:
+        return os.path.join(ckpt.directory, ckpt.files[0])
+    return f"{os.path.join(ckpt.directory, ckpt.index_file)} (and its {len(ckpt.files)} shard(s))"
+
+
 def check_against_config(ckpt: HFCheckpoint, config: DeepseekConfig) -> dict[str, KeyTarget]:
     """Match the checkpoint's tensors against what ``config`` needs; return HF key -> target.
 
@@ -96,10 +103,11 @@ def check_against_config(ckpt: HFCheckpoint, config: DeepseekConfig) -> dict[str
             )
     missing = [k for k in targets if k not in present]
     if missing:
+        k = missing[0]
         raise ConvertError(
-            f"{ckpt.directory}: {len(missing)} tensor(s) that config.json requires are missing, e.g. {missing[0]} "
-            f"(config.json has {_hint(missing[0], config)}); the checkpoint is incomplete or config.json describes "
-            "a different model"
+            f"{_searched(ckpt)}: {len(missing)} tensor(s) that config.json requires are missing, e.g. {k} of "
+            f"shape {shapes[k]} (config.json has {_hint(k, config)}); the checkpoint is incomplete or config.json "
+            "describes a different model"
         )
     unexpected = [k for k in present if k not in targets and not is_ignored_key(k)]
     if unexpected:

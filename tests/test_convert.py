@@ -1,11 +1,13 @@
 """End-to-end conversion tests: HF checkpoints of random-weight PyTorch reference models in every v1 layout,
 converted by the CLI in a subprocess (as a user runs it), loaded with `load_checkpoint` and compared with PyTorch;
-round trips back to HF must reproduce every tensor bit for bit."""
+round trips back to HF must reproduce every tensor bit for bit (and every tokenizer file byte for byte)."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from conftest import small_config
 from test_convert_helpers import (
     REMOTE_CODE,
     SIDE_FILES,
+    cli_env,
     finish,
     load_hf_tensors,
     model_logits,
@@ -62,22 +65,14 @@ class Variant:
         )
 
 
-# The Hub's two sharded layouts run as real subprocesses (``python -m convert ...``, as a user types it); the
-# other variants go through the same CLI entry point in-process, because every Python start with JAX (and torch
-# for .bin) costs several seconds on the CI machine.
-SUBPROCESS = ("moe_shared", "gqa_freq2")
-
-
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory) -> dict[str, Variant]:
-    """Every variant written as a HF checkpoint and converted by ``hf-to-jax``; the round-trip variants converted
-    back by ``jax-to-hf`` into shards of at most `SHARD_LIMIT` bytes."""
+    """Every variant written as a HF checkpoint and converted by ``hf-to-jax`` run as a user runs it (``python -m
+    convert`` in a subprocess, all started together); the round-trip variants converted back by ``jax-to-hf`` into
+    shards of at most `SHARD_LIMIT` bytes."""
     root = str(tmp_path_factory.mktemp("convert"))
     out = {name: Variant(name, root, seed) for seed, name in enumerate(VARIANTS)}
-    procs = {name: start_cli("hf-to-jax", out[name].hf_dir, out[name].jax_dir, "--no-progress") for name in SUBPROCESS}
-    for name, v in out.items():
-        if name not in SUBPROCESS:
-            assert main(["hf-to-jax", v.hf_dir, v.jax_dir, "--no-progress"]) == 0, name
+    procs = {name: start_cli("hf-to-jax", v.hf_dir, v.jax_dir, "--no-progress") for name, v in out.items()}
     for name, proc in procs.items():
         rc, _, err = finish(proc)
         assert rc == 0, f"hf-to-jax {name} failed:\n{err}"
@@ -165,8 +160,9 @@ def test_round_trip_is_bit_exact(variants, name):
     with open(os.path.join(v.back_dir, "config.json")) as f:
         hf = json.load(f)
     assert hf["model_type"] == "deepseek" and hf["torch_dtype"] == v.dtype
-    for name in SIDE_FILES:
-        assert os.path.isfile(os.path.join(v.back_dir, name))
+    for name in (*SIDE_FILES, *REMOTE_CODE):  # carried through hf-to-jax and back unchanged
+        with open(os.path.join(v.hf_dir, name), "rb") as a, open(os.path.join(v.back_dir, name), "rb") as b:
+            assert a.read() == b.read(), name
 
 
 def test_round_trip_loads_into_reference(variants):
@@ -296,6 +292,38 @@ def test_verify_passes_and_catches_a_wrong_weight(variants, tmp_path, capsys):
     v.config.save_hf(str(tampered))
     assert main(["verify", str(tampered), v.jax_dir, "--batches", "1", "--num-layers", "3"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_progress_bar_shows_bytes_and_tensors(variants, tmp_path, capsys):
+    """Without --no-progress both directions draw a tqdm bar on stderr (also when stderr is not a terminal) that
+    ends at the total bytes and the number of tensors of the checkpoint."""
+    from tqdm import tqdm
+
+    v = variants["no_shared"]
+    tensors = load_hf_tensors(v.hf_dir)
+    size = tqdm.format_sizeof(sum(t.numel() * t.element_size() for t in tensors.values()), divisor=1024) + "B"
+    for command, src, dst in (("hf-to-jax", v.hf_dir, "jax"), ("jax-to-hf", str(tmp_path / "jax"), "hf")):
+        assert main([command, src, str(tmp_path / dst)]) == 0
+        bar = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith(command)]
+        final = [line for line in bar if "100%" in line]
+        assert final, bar
+        assert f"{size}/{size}" in final[-1] and f"{len(tensors)}/{len(tensors)} tensors" in final[-1], final[-1]
+        assert "B/s" in final[-1]
+
+
+def test_installed_console_script(variants):
+    """The ``deepseekmoe-convert`` entry point that ``pip install`` puts next to the interpreter runs the CLI."""
+    script = os.path.join(os.path.dirname(sys.executable), "deepseekmoe-convert")
+    if not os.path.isfile(script):
+        pytest.skip(f"console script {script} not installed (pip install -e . creates it)")
+    v = variants["moe_shared"]
+    result = subprocess.run(
+        [script, "inspect", v.jax_dir], env=cli_env(), capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    params = sum(int(np.prod(t.shape)) for t in reference_state_dict(v.reference, v.config).values())
+    assert "JAX model directory" in result.stdout and f"parameters   {params:,}" in result.stdout
+    assert v.jax_dir in result.stdout
 
 
 def test_cli_help_lists_commands_and_examples(capsys):

@@ -234,12 +234,25 @@ def test_config_missing(hf, capsys):
 # ----------------------------------------------------------------------------------------------- keys and shapes
 def test_missing_key(hf, capsys):
     key = key_in_shard(hf, 2, "mlp.experts.")
+    shape = tuple(load_file(shard(hf, 2))[key].shape)
     edit_shard(hf, 2, lambda t: t.pop(key))
     index = index_of(hf)
     del index["weight_map"][key]
     write_index(hf, index)
     msg = convert_fails(capsys, hf)
-    assert key in msg and "missing" in msg
+    # Names the key, the expected shape and where it was looked for (the index and its shards).
+    assert key in msg and "missing" in msg and f"shape {shape}" in msg
+    assert msg.startswith(f"error: {os.path.join(hf, 'model.safetensors.index.json')} (and its 3 shard(s))")
+
+
+def test_missing_key_single_file(hf_bin, capsys):
+    path = os.path.join(hf_bin, "pytorch_model.bin")
+    sd = torch.load(path, weights_only=True)
+    key = "model.layers.2.self_attn.o_proj.weight"
+    shape = tuple(sd.pop(key).shape)
+    torch.save(sd, path)
+    msg = convert_fails(capsys, hf_bin)
+    assert msg.startswith(f"error: {path}: ") and key in msg and "missing" in msg and f"shape {shape}" in msg
 
 
 def test_unexpected_key(hf, capsys):
@@ -264,9 +277,13 @@ def test_rotary_inv_freq_is_ignored(hf, tmp_path, capsys):
 
 def test_wrong_shape(hf, capsys):
     key = key_in_shard(hf, 3, "mlp.experts.")
+    expected = tuple(load_file(shard(hf, 3))[key].shape)
     edit_shard(hf, 3, lambda t: t.__setitem__(key, t[key].T.contiguous()))
+    found = expected[::-1]
+    assert found != expected
     msg = convert_fails(capsys, hf)
-    assert key in msg and "has shape" in msg and "implies" in msg
+    assert "model-00003-of-00003.safetensors" in msg and key in msg
+    assert f"has shape {found}" in msg and f"implies {expected}" in msg
 
 
 @pytest.mark.parametrize("dtype,code", [(torch.int8, "I8"), (torch.float8_e4m3fn, "F8_E4M3")])
@@ -274,7 +291,8 @@ def test_unreadable_dtype(hf, capsys, dtype, code):
     key = key_in_shard(hf, 2, "mlp.experts.")
     edit_shard(hf, 2, lambda t: t.__setitem__(key, t[key].to(dtype)))
     msg = convert_fails(capsys, hf)
-    assert key in msg and f"dtype {code}" in msg and "dequantized" in msg
+    assert "model-00002-of-00003.safetensors" in msg and key in msg
+    assert f"dtype {code}" in msg and "dequantized" in msg
 
 
 def test_unreadable_dtype_in_bin(hf_bin, capsys):
@@ -284,7 +302,7 @@ def test_unreadable_dtype_in_bin(hf_bin, capsys):
     sd[key] = sd[key].to(torch.int8)
     torch.save(sd, path)
     msg = convert_fails(capsys, hf_bin)
-    assert key in msg and "int8" in msg
+    assert msg.startswith(f"error: {path}: ") and key in msg and "dtype int8" in msg and "dequantized" in msg
 
 
 # ----------------------------------------------------------------------------------------------- index problems
@@ -338,6 +356,45 @@ def test_failed_overwrite_keeps_the_old_output(hf, capsys):
     edit_config(hf, hidden_size=64)
     convert_fails(capsys, hf, "--overwrite")
     assert os.listdir(out) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("restore_fails", [False, True])
+def test_failed_final_rename_keeps_the_old_output(hf, capsys, monkeypatch, restore_fails):
+    """The conversion succeeds but publishing it (renaming the staging directory to OUT_DIR, after the old OUT_DIR
+    was moved aside) fails: the old OUT_DIR is moved back, and no staging directory remains. If even moving it
+    back fails, the message says where the old contents are."""
+    parent = os.path.dirname(hf)
+    out = os.path.join(parent, "out")
+    os.makedirs(out)
+    with open(os.path.join(out, "keep.txt"), "w") as f:
+        f.write("mine")
+    real_replace = os.replace
+    calls = []
+
+    def flaky_replace(src, dst, *args, **kwargs):
+        src, dst = os.fspath(src), os.fspath(dst)
+        if dst == out:
+            calls.append(src)
+            if os.path.basename(src).startswith(".out.tmp-") or restore_fails:
+                raise OSError(5, "Input/output error")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", flaky_replace)
+    assert main(["hf-to-jax", hf, out, "--overwrite", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    # The publishing rename, then the attempt to move the old output back.
+    assert [os.path.basename(c).split("-")[0] for c in calls] == [".out.tmp", "previous"]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Input/output error" in lines[0], err
+    if not restore_fails:
+        with open(os.path.join(out, "keep.txt")) as f:
+            assert f.read() == "mine"
+        assert os.listdir(out) == ["keep.txt"] and leftovers(parent, "out") == ["out"]
+    else:
+        (kept,) = [e for e in leftovers(parent, "out") if e.startswith(".out.old-")]
+        previous = os.path.join(parent, kept, "previous")
+        assert f"kept in {previous}" in lines[0]
+        assert os.listdir(previous) == ["keep.txt"] and leftovers(parent, "out") == [kept]
 
 
 def test_overwrite_replaces_the_old_output(hf, tmp_path):
