@@ -91,6 +91,7 @@ def _describe_jax(path: str) -> list[str]:
     config_dir = find_config_dir(step_dir)
     config = read_config(config_dir)
     specs = reader.check_matches(config)
+    reader.check_complete()
     kind = "JAX model directory" if config_dir == step_dir else "training checkpoint step"
     count = sum(math.prod(s.shape) for s in specs.values())
     dtypes: dict[str, int] = {}

@@ -161,6 +161,7 @@ def convert_jax_to_hf(
     config_dir = find_config_dir(os.path.dirname(reader.params_dir))
     config = read_config(config_dir)
     reader.check_matches(config)
+    reader.check_complete()
     stored = reader.dtype(("model", "embed_tokens"))
     out_dtype = numpy_dtype(dtype) if dtype else stored
     shapes = hf_key_shapes(config)

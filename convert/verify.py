@@ -137,6 +137,7 @@ def verify_parity(
             "check this model"
         )
     reader.check_matches(jax_config)
+    reader.check_complete()
     sub = _truncated(jax_config, num_layers)
     log(
         f"verify: {hf_dir} vs {jax_dir}: {sub.num_hidden_layers} of {jax_config.num_hidden_layers} layers, "

@@ -497,3 +497,18 @@ def test_verify_refuses_different_models(hf, jax_dir, capsys):
     edit_config(hf, rope_theta=500000.0)
     assert main(["verify", hf, jax_dir]) == 2
     assert "rope_theta" in capsys.readouterr().err
+
+
+def test_jax_to_hf_missing_chunk_file(hf, tmp_path, capsys):
+    """A converted directory missing one chunk file (a partial copy) is refused, not exported with zeros."""
+    broken = str(tmp_path / "model")
+    assert main(["hf-to-jax", hf, broken, "--no-progress"]) == 0
+    name = "model.segments.1.layers.0.mlp.experts.w_up"
+    array_dir = os.path.join(broken, "params", name)
+    lost = sorted(f for f in os.listdir(array_dir) if not f.startswith("."))[-1]
+    os.remove(os.path.join(array_dir, lost))
+    for command in (["jax-to-hf", broken, str(tmp_path / "out"), "--no-progress"], ["inspect", broken]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"{name} is missing its chunk file {lost}" in err, err
+    assert leftovers(str(tmp_path), "out") == []
