@@ -130,7 +130,7 @@ def save_checkpoint(model: nnx.Module, directory: str | os.PathLike, *, overwrit
     import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
 
-    directory = os.path.abspath(os.fspath(directory))
+    directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
     if os.path.exists(directory) and not overwrite:
         raise CheckpointError(f"{directory} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     parent = os.path.dirname(directory)
@@ -201,7 +201,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None 
     from deepseekmoe_jax.model import DeepseekForCausalLM
     from deepseekmoe_jax.sharding import check_mesh_fits, param_shardings, rules_for
 
-    path = os.path.abspath(os.fspath(ckpt_dir))
+    path = os.path.abspath(os.path.expanduser(os.fspath(ckpt_dir)))
     params_dir = os.path.join(path, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise CheckpointError(
