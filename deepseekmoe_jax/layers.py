@@ -111,12 +111,19 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------------------------- attention
-def _use_cudnn(impl: str, dtype) -> bool:
+def _use_cudnn(impl: str, dtype, head_dim: int) -> bool:
+    """``auto`` picks cuDNN's fused attention only where it is known to apply: on GPU, in 16-bit compute, with a
+    head size that is a multiple of 8 and at most 128 (deepseek-moe-16b: 128); otherwise XLA's attention."""
     if impl == "cudnn":
         return True
     if impl == "xla":
         return False
-    return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return (
+        jax.default_backend() == "gpu"
+        and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        and head_dim % 8 == 0
+        and head_dim <= 128
+    )
 
 
 def attention_core(q: Array, k: Array, v: Array, mask: Array | None, impl: str) -> Array:
@@ -127,7 +134,7 @@ def attention_core(q: Array, k: Array, v: Array, mask: Array | None, impl: str) 
     causality. Softmax is float32.
     """
     if mask is None:
-        implementation = "cudnn" if _use_cudnn(impl, q.dtype) else "xla"
+        implementation = "cudnn" if _use_cudnn(impl, q.dtype, q.shape[-1]) else "xla"
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
