@@ -1,14 +1,17 @@
 """The training loop end to end on 8 fake devices: loss falls, metrics, checkpoints, exact resume after SIGKILL,
-save on SIGTERM, non-finite loss, bad input.
+save on SIGTERM, non-finite loss (in the library and at the command line), bad input, fine-tuning from a converted
+checkpoint, and two processes that stop together when only one of them is signalled.
 
 One uninterrupted run (in process) is the reference; the same run is then killed, stopped and restarted as real
 `train.py` subprocesses, which must reproduce its per-step losses exactly.
 """
 
 import copy
+import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -84,6 +87,15 @@ def workdir(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
     enable_compilation_cache(cache)
     return root, cache
+
+
+@pytest.fixture(scope="module")
+def cli(repo_root):
+    """``train.py`` imported as a module, to call its ``main(argv)`` (exit status, messages) in this process."""
+    spec = importlib.util.spec_from_file_location("train_cli", repo_root / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +266,32 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(reference_run,
     assert model is not None
 
 
+def test_cli_exit_status_for_a_non_finite_loss(reference_run, workdir, cli, capsys):
+    raw, result, _ = reference_run
+    root, _ = workdir
+    run_d = root / "run_d"
+    shutil.copytree(result.run_dir, run_d)
+    cfg = copy.deepcopy(raw)
+    cfg["train"].update(
+        run_dir=str(run_d), steps=STEPS + 8, learning_rate=1e30, schedule="constant", checkpoint_every=1
+    )
+    _write_config(cfg, root / "run_d.yaml")
+    assert cli.main(["--config", str(root / "run_d.yaml"), "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    ckpts = re.escape(str(run_d / "checkpoints"))
+    found = re.search(
+        r"^error: the loss or gradient norm became NaN/inf at step (\d+) \(detected by step \1\); training "
+        rf"stopped without saving\. The last good checkpoint is {ckpts}/(\d+)\. Lower train\.learning_rate",
+        err,
+        re.MULTILINE,
+    )
+    assert found, err
+    bad, last_good = int(found.group(1)), int(found.group(2))
+    assert STEPS < bad <= STEPS + 8 and "Traceback" not in err
+    steps = sorted(int(n) for n in os.listdir(run_d / "checkpoints") if n.isdigit())
+    assert max(steps) == last_good < bad  # nothing written from a bad state
+
+
 def _expect(raw, exc, match, tmp_path):
     with pytest.raises(exc, match=match):
         train(run_config_from_dict(raw), progress=False, log=lambda _m: None)
@@ -351,6 +389,93 @@ def test_fine_tuning_starts_from_the_checkpoint(reference_run, workdir):
         run_config_from_dict(bad)
 
 
+def _converted_checkpoint(config, directory, seed=7):
+    """A random model saved with `save_checkpoint`: the layout ``deepseekmoe-convert hf-to-jax`` writes
+    (config.json, deepseekmoe_jax.json, params/). Weights drawn with numpy (std 0.02), norms at one."""
+    import jax.numpy as jnp
+    from flax import nnx, traverse_util
+
+    from deepseekmoe_jax import DeepseekForCausalLM, save_checkpoint
+
+    abstract = nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
+    graphdef, params_state, rest = nnx.split(abstract, nnx.Param, ...)
+    rng = np.random.RandomState(seed)
+    flat = {}
+    for path, var in nnx.to_flat_state(params_state):
+        value = np.ones(var.shape) if "norm" in var.get_metadata()["logical_axes"] else 0.02 * rng.randn(*var.shape)
+        flat[path] = jnp.asarray(value, var.dtype)
+    nnx.replace_by_pure_dict(params_state, traverse_util.unflatten_dict(flat))
+    save_checkpoint(nnx.merge(graphdef, params_state, rest), directory)
+
+
+def test_fine_tuning_a_converted_bfloat16_checkpoint(reference_run, workdir, cli, capsys):
+    """A converted checkpoint in bfloat16 (the 16B converter's default) fine-tuned through ``--init-from`` with a
+    config that does not set options.param_dtype: a warning says the master weights stay bfloat16 and how to
+    change that; the first step's loss is the saved model's loss on the run's first batch."""
+    import jax.numpy as jnp
+    import optax
+    from conftest import jit_forward
+
+    from deepseekmoe_jax.train.data import BatchSource, TokenDataset
+
+    raw, _, _ = reference_run
+    root, _ = workdir
+    config = run_config_from_dict(raw).model.with_options(param_dtype="bfloat16")
+    converted = root / "converted"
+    _converted_checkpoint(config, converted)
+    cfg = copy.deepcopy(raw)
+    del cfg["model"]  # the model, options included, comes from the checkpoint
+    del cfg["options"]
+    cfg["train"].update(
+        run_dir=str(root / "run_ft_cli"), steps=2, log_every=1, eval_every=-1, tensorboard=False, learning_rate=1e-4
+    )
+    _write_config(cfg, root / "run_ft_cli.yaml")
+    code = cli.main(["--config", str(root / "run_ft_cli.yaml"), "--init-from", str(converted), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    warnings = [line for line in out.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, out
+    assert f"train.init_from={converted} stores bfloat16 parameters" in warnings[0]
+    assert "bfloat16 master weights" in warnings[0] and "options.param_dtype: float32" in warnings[0]
+    assert f"initialising from {converted}" in out
+
+    first = read_jsonl(str(root / "run_ft_cli" / "metrics.jsonl"))[0]
+    assert first["step"] == 1
+    saved = load_checkpoint(converted)
+    assert saved.config.options.param_dtype == "bfloat16"
+    assert load_checkpoint(root / "run_ft_cli" / "checkpoints" / "2").config.options.param_dtype == "bfloat16"
+    # The loss of the saved model on the run's first batch (sequences 0..7 of the shuffled order), in training
+    # mode, with an ordinary cross-entropy: what step 1 must have reported.
+    split = TokenDataset(raw["data"]["path"]).split("train")
+    batch = BatchSource(split, 32, seed=0, shuffle=True).rows(0, 8)
+    out = jit_forward(saved, jnp.asarray(batch[:, :-1]), None, training=True)
+    lm = float(optax.softmax_cross_entropy_with_integer_labels(out.logits, jnp.asarray(batch[:, 1:])).mean())
+    assert first["lm_loss"] == pytest.approx(lm, rel=1e-5)
+    assert first["aux_loss"] == pytest.approx(float(out.aux_loss), rel=1e-5)
+
+
+def test_param_dtype_warning_only_when_inherited(reference_run, workdir):
+    from deepseekmoe_jax.train.settings import precision_warnings
+
+    raw, result, _ = reference_run
+    root, _ = workdir
+    converted = root / "converted_warning"
+    _converted_checkpoint(run_config_from_dict(raw).model.with_options(param_dtype="bfloat16"), converted)
+
+    def warnings(init_from, options):
+        cfg = copy.deepcopy(raw)
+        del cfg["model"]
+        cfg["options"] = options
+        cfg["train"]["init_from"] = str(init_from)
+        return precision_warnings(run_config_from_dict(cfg))
+
+    assert len(warnings(converted, {"moe_group_size": 16})) == 1  # inherited bfloat16
+    assert warnings(converted, {"param_dtype": "float32"}) == []  # asked for float32 master weights
+    assert warnings(converted, {"param_dtype": "bfloat16"}) == []  # asked for bfloat16 explicitly
+    assert warnings(result.checkpoint, {}) == []  # a float32 checkpoint
+    assert precision_warnings(run_config_from_dict(raw)) == []  # not fine-tuning
+
+
 def jax_tree_leaves_with_paths(tree):
     import jax
 
@@ -365,21 +490,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_run_the_same_training(reference_run, workdir, repo_root):
-    """The reference run's mesh (data 2 x fsdp 2 x expert 2) over two processes of 4 devices each: every process
-    reads only its rows, collectives cross the process boundary, checkpoints are written by both."""
-    raw, _, reference = reference_run
-    root, _ = workdir
-    cfg = copy.deepcopy(raw)
-    cfg["train"].update(run_dir=str(root / "run_mp"), tensorboard=False)
-    config_path = root / "run_mp.yaml"
-    _write_config(cfg, config_path)
+def _launch_two_processes(config_path, repo_root, logs):
     flags = os.environ.get("XLA_FLAGS", "").replace(
         "--xla_force_host_platform_device_count=8", "--xla_force_host_platform_device_count=4"
     )
     port = _free_port()
-    procs, logs = [], []
-    for i in range(2):
+    procs = []
+    for i, log in enumerate(logs):
         env = dict(
             os.environ,
             PYTHONPATH=str(repo_root),
@@ -389,22 +506,64 @@ def test_two_processes_run_the_same_training(reference_run, workdir, repo_root):
             JAX_NUM_PROCESSES="2",
             JAX_PROCESS_ID=str(i),
         )
-        logs.append(root / f"run_mp.{i}.log")
         procs.append(
             subprocess.Popen(
                 [sys.executable, str(repo_root / "train.py"), "--config", str(config_path), "--no-progress"],
-                stdout=open(logs[-1], "wb"),
+                stdout=open(log, "ab"),
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=str(repo_root),
             )
         )
-    codes = [p.wait(timeout=300) for p in procs]
-    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
-    assert "2 process(es)" in logs[0].read_text()
-    assert "step " not in logs[1].read_text() and "deepseekmoe-jax" not in logs[1].read_text()  # process 0 logs
+    return procs
 
-    records = read_jsonl(str(root / "run_mp" / "metrics.jsonl"))
+
+def test_two_processes_run_the_same_training(reference_run, workdir, repo_root):
+    """The reference run's mesh (data 2 x fsdp 2 x expert 2) over two processes of 4 devices each: every process
+    reads only its rows, collectives cross the process boundary, checkpoints are written by both. Half way, only
+    process 1 gets SIGTERM: both processes must agree to stop after the same step (else one would start the
+    collective checkpoint save while the other trains on, and the run would hang), save it and exit 143. The
+    restarted pair finishes the run."""
+    raw, _, reference = reference_run
+    root, _ = workdir
+    cfg = copy.deepcopy(raw)
+    cfg["train"].update(run_dir=str(root / "run_mp"), tensorboard=False)
+    config_path = root / "run_mp.yaml"
+    _write_config(cfg, config_path)
+    logs = [root / f"run_mp.{i}.log" for i in range(2)]
+    metrics = str(root / "run_mp" / "metrics.jsonl")
+
+    def text():
+        return "\n".join(log.read_text()[-3000:] for log in logs)
+
+    started = []  # every process is ended by the test, also when an assertion fails or a run hangs
+    try:
+        procs = _launch_two_processes(config_path, repo_root, logs)
+        started += procs
+        assert _wait_for(procs[0], metrics, lambda r: _last_step(r) >= 17), text()
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+        assert codes == [143, 143], text()
+        stopped_at = _last_step(read_jsonl(metrics))
+        assert 17 <= stopped_at < STEPS
+        assert (root / "run_mp" / "checkpoints" / str(stopped_at) / "params").is_dir()  # both saved the same step
+        log0 = logs[0].read_text()
+        assert f"another process received a stop signal: saving a checkpoint at step {stopped_at}" in log0
+        assert "2 process(es)" in log0 and "run the same command again" in log0
+
+        procs = _launch_two_processes(config_path, repo_root, logs)
+        started += procs
+        codes = [p.wait(timeout=300) for p in procs]
+        assert codes == [0, 0], text()
+        assert "resuming from" in logs[0].read_text()
+        assert "step " not in logs[1].read_text() and "deepseekmoe-jax" not in logs[1].read_text()  # process 0 logs
+    finally:
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    records = read_jsonl(metrics)
     got = {r["step"]: r["loss"] for r in records if "loss" in r}
     want = {r["step"]: r["loss"] for r in reference if "loss" in r}
     assert sorted(got) == sorted(want)

@@ -99,3 +99,45 @@ def test_settings_validation(repo_root):
     assert (paper16.schedule, paper16.decay_points, paper16.decay_factor) == ("step", (0.8, 0.9), 0.316)
     assert (paper16.learning_rate, paper16.warmup_steps, paper16.seq_len) == (4.2e-4, 2000, 4096)
     assert paper16.batch_size == 4608
+    # The paper's 2B and 16B runs drop no tokens (null = no-drop mode), init std 0.006, fp32 master weights.
+    for name in ("deepseekmoe-2b", "deepseekmoe-16b"):
+        options = load_run_config(repo_root / "configs" / f"{name}.yaml").model.options
+        assert options.capacity_factor_train is None, name
+        assert options.init_std == 0.006 and options.param_dtype == "float32", name
+
+
+def test_fresh_parameters_follow_the_papers_init_std(repo_root):
+    """What the trainer initialises (sharded, seed train.seed): every weight matrix is N(0, init_std) with
+    init_std = 0.006 from the 16B preset's options, drawn independently; RMSNorm weights start at one."""
+    from deepseekmoe_jax import sharding as sh
+    from deepseekmoe_jax.train.loop import build_mesh, initial_params
+
+    std = load_run_config(repo_root / "configs" / "deepseekmoe-16b.yaml").model.options.init_std
+    assert std == 0.006
+    small = small_config().to_hf(metadata=False)
+    run = run_config_from_dict({"model": small, "options": {"init_std": std}, "mesh": {"data": 8}})
+    mesh = build_mesh(run.mesh)
+    params = initial_params(run, mesh, sh.rules_for(run.model), lambda _m: None)
+    flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    norms = {k: v for k, v in flat.items() if k.endswith("layernorm']['weight']") or k == "['model']['norm']['weight']"}
+    assert len(norms) == 2 * 2 + 1  # two per segment (dense, MoE) + the final norm
+    for k, v in norms.items():
+        np.testing.assert_array_equal(v, 1.0, err_msg=k)
+    matrices = {k: v for k, v in flat.items() if k not in norms}
+    assert all(v.ndim >= 2 for v in matrices.values())  # no biases or other vectors in this config
+    for k, v in matrices.items():
+        n = v.size
+        # Sample std of n normal draws: relative standard error 1/sqrt(2n); sample mean: std/sqrt(n). 5 sigma.
+        assert abs(v.std() / std - 1) < 5 / np.sqrt(2 * n), (k, v.std())
+        assert abs(v.mean()) < 5 * std / np.sqrt(n), (k, v.mean())
+    pooled = np.concatenate([v.ravel() for v in matrices.values()])
+    assert pooled.size > 50_000 and abs(pooled.std() / std - 1) < 0.01
+    assert np.mean(np.abs(pooled) > 3 * std) == pytest.approx(0.0027, abs=0.0015)  # normal tails, not truncated
+    # Independent draws: no two parameters (nor two experts of one stack) start from the same numbers.
+    heads = [tuple(v.ravel()[:8]) for v in matrices.values()]
+    assert len(set(heads)) == len(heads)
+    experts = matrices["['model']['segments'][1]['layers'][0]['mlp']['experts']['w_gate']"]
+    assert experts.shape[:2] == (3, 8)
+    flat_experts = experts.reshape(24, -1)
+    assert len({tuple(e[:8]) for e in flat_experts}) == 24

@@ -186,11 +186,13 @@ class BatchSource:
 
     ``shuffle=True``: sequence ``n`` is window ``permute(n mod W, W, seed, n // W)`` (a fresh order every epoch);
     ``shuffle=False``: window ``n mod W`` (evaluation). `rows` reads any range of sequence numbers, so each
-    process reads only its own rows of a global batch.
+    process reads only its own rows of a global batch. With ``vocab_size``, every row read is checked to hold only
+    ids below it (``dataset.json``'s ``max_token_id`` is checked up front, but the token file itself may differ).
     """
 
-    def __init__(self, split: TokenSplit, seq_len: int, seed: int, shuffle: bool = True):
+    def __init__(self, split: TokenSplit, seq_len: int, seed: int, shuffle: bool = True, vocab_size: int | None = None):
         self.split, self.seq_len, self.seed, self.shuffle = split, seq_len, seed, shuffle
+        self.vocab_size = vocab_size
         self.num_windows = split.num_windows(seq_len)
         if self.num_windows == 0:
             raise DataError(
@@ -211,8 +213,23 @@ class BatchSource:
         return out
 
     def rows(self, first: int, count: int) -> np.ndarray:
-        """Tokens of sequence numbers ``first .. first + count - 1``: int32 [count, seq_len + 1]."""
-        return self.split.windows(self.window_indices(np.arange(first, first + count)), self.seq_len)
+        """Tokens of sequence numbers ``first .. first + count - 1``: int32 [count, seq_len + 1].
+
+        Raises `DataError` naming the file, the window and the token position if an id is >= ``vocab_size``.
+        """
+        windows = self.window_indices(np.arange(first, first + count))
+        out = self.split.windows(windows, self.seq_len)
+        if self.vocab_size is not None and out.size and int(out.max()) >= self.vocab_size:
+            row, col = (int(i) for i in np.argwhere(out >= self.vocab_size)[0])
+            w = int(windows[row])
+            raise DataError(
+                f"{self.split.path}: token id {int(out[row, col])} at position {w * self.seq_len + col:,} "
+                f"(sequence {first + row}, window {w} = tokens {w * self.seq_len:,}..{(w + 1) * self.seq_len:,}) "
+                f"is not below the model's vocab_size={self.vocab_size}, although {DATASET_FILE} gives "
+                f"max_token_id={self.split.max_token_id}: the token file does not match its metadata; prepare the "
+                "dataset again"
+            )
+        return out
 
 
 def global_batch(source: BatchSource, position: int, shape: tuple[int, int], sharding) -> Any:

@@ -8,6 +8,7 @@ naming the step while keeping the last good checkpoint.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -32,10 +33,18 @@ from deepseekmoe_jax.config import ConfigError
 from deepseekmoe_jax.model import DeepseekForCausalLM, moe_layer_indices, param_count
 from deepseekmoe_jax.train import flops as flops_lib
 from deepseekmoe_jax.train.checkpointing import RunCheckpointer
-from deepseekmoe_jax.train.data import BatchSource, DataError, TokenDataset, global_batch, prepare, stdlib_sources
+from deepseekmoe_jax.train.data import (
+    DATASET_FILE,
+    BatchSource,
+    DataError,
+    TokenDataset,
+    global_batch,
+    prepare,
+    stdlib_sources,
+)
 from deepseekmoe_jax.train.metrics import MetricsLogger
 from deepseekmoe_jax.train.optim import decay_mask, make_optimizer, make_schedule
-from deepseekmoe_jax.train.settings import MeshSettings, RunConfig
+from deepseekmoe_jax.train.settings import MeshSettings, RunConfig, precision_warnings
 from deepseekmoe_jax.train.step import ModelBuilder, TrainState, make_eval_step, make_train_step
 from deepseekmoe_jax.train.tokenizer import ByteTokenizer
 
@@ -115,15 +124,28 @@ def resolve_dataset(run: RunConfig, log: Callable[[str], None]) -> TokenDataset:
             "(or data.corpus=python-stdlib for the built-in demo corpus)"
         )
     target = os.path.join(run.train.run_dir, "data")
-    if not os.path.isfile(os.path.join(target, "dataset.json")):
-        files = stdlib_sources()
-        if jax.process_index() == 0:
+    # Process 0 prepares the corpus if it is missing; every process then meets at the same barrier, whatever it
+    # found on disk, so that none starts reading before the files are complete and none waits alone.
+    failure = None
+    if jax.process_index() == 0 and not os.path.isfile(os.path.join(target, DATASET_FILE)):
+        try:
+            files = stdlib_sources()
             log(
                 f"preparing the built-in corpus: {len(files)} Python standard library files from "
                 f"{os.path.dirname(files[0])} -> {shown(target)} (byte-level tokenizer)"
             )
             prepare(files, target, ByteTokenizer(), val_fraction=d.val_fraction, progress=False)
-        _sync("dataset prepared")
+        except Exception as e:  # raised after the barrier, so the other processes do not wait forever
+            failure = e
+    _sync("built-in corpus prepared")
+    if failure is not None:
+        raise failure
+    if not os.path.isfile(os.path.join(target, DATASET_FILE)):
+        raise DataError(
+            f"{target}: no {DATASET_FILE}: process 0 could not prepare the built-in corpus (see its error), or "
+            "train.run_dir is not on storage shared by all processes (set data.path to a dataset every host can "
+            "read)"
+        )
     return TokenDataset(target)
 
 
@@ -227,6 +249,50 @@ def _stop_on_signals():
             signal.signal(sig, h)
 
 
+class StopVote:
+    """The stop decision of a multi-process run, taken by all processes together.
+
+    A signal may reach only some processes, or reach them between different steps. If one process stopped on its
+    own, it would start the collective checkpoint save while the others ran the next step, and the run would hang.
+    So each process's stop request rides into the compiled step as its share of a small int32 array [devices]
+    (`flags`), the step returns its maximum as a replicated scalar (no extra collective program), and `agreed`
+    reads that result for the step before the one just dispatched: every process sees the same value after the
+    same step, and one step stays in flight meanwhile. A request is acted on one or two steps after it arrives.
+    """
+
+    def __init__(self, mesh):
+        self.size = mesh.size
+        self.sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+        self.abstract = jax.ShapeDtypeStruct((self.size,), jnp.int32, sharding=self.sharding)
+        self._recent: collections.deque = collections.deque(maxlen=2)
+
+    def flags(self, requested: bool) -> jax.Array:
+        """This process's request on each of its devices, as a global int32 array [devices]."""
+        value = np.int32(bool(requested))
+        return jax.make_array_from_callback(
+            (self.size,), self.sharding, lambda index: np.full(len(range(self.size)[index[0]]), value, np.int32)
+        )
+
+    def record(self, any_requested: jax.Array) -> None:
+        """Keep the step's output (a replicated scalar, still being computed)."""
+        self._recent.append(any_requested)
+
+    def agreed(self) -> bool:
+        """Whether any process had asked to stop by the step before the last one dispatched."""
+        return len(self._recent) == 2 and bool(self._recent[0])
+
+
+def with_stop_vote(step_fn: Callable) -> Callable:
+    """``step_fn(state, batch) -> (state, metrics)`` extended with the `StopVote` flags:
+    ``(state, batch, flags [devices]) -> (state, metrics, max(flags))``."""
+
+    def step(state, batch, flags):
+        state, metrics = step_fn(state, batch)
+        return state, metrics, jnp.max(flags)
+
+    return step
+
+
 def _fmt_record(r: dict[str, Any]) -> str:
     parts = [f"step {r['step']:>6}", f"loss {r['loss']:.4f}", f"lm {r['lm_loss']:.4f}", f"aux {r['aux_loss']:.4f}"]
     parts += [f"gnorm {r['grad_norm']:.3f}", f"lr {r['learning_rate']:.2e}", f"{r['tokens_per_second']:,.0f} tok/s"]
@@ -324,7 +390,7 @@ def data_sources(run: RunConfig, say) -> tuple[TokenDataset, BatchSource, BatchS
     for w in dataset.check_model(config.vocab_size, config.eos_token_id):
         say(f"warning: {w}")
     train_split = dataset.split("train")
-    train_src = BatchSource(train_split, s.seq_len, s.seed, shuffle=True)
+    train_src = BatchSource(train_split, s.seq_len, s.seed, shuffle=True, vocab_size=config.vocab_size)
     if train_src.num_windows < s.batch_size:
         raise DataError(
             f"{train_split.path}: {train_split.num_tokens:,} tokens give only {train_src.num_windows} sequences "
@@ -335,7 +401,7 @@ def data_sources(run: RunConfig, say) -> tuple[TokenDataset, BatchSource, BatchS
     if s.eval_every >= 0:
         val = dataset.splits.get("val")
         if val is not None and val.num_windows(s.seq_len) > 0:
-            eval_src = BatchSource(val, s.seq_len, s.seed, shuffle=False)
+            eval_src = BatchSource(val, s.seq_len, s.seed, shuffle=False, vocab_size=config.vocab_size)
         else:
             say(
                 f"warning: no held-out sequences of {s.seq_len + 1} tokens in {dataset.directory} "
@@ -363,6 +429,8 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
     say = log if is_main else (lambda _msg: None)
     if s.compilation_cache:
         enable_compilation_cache(s.compilation_cache)
+    for w in precision_warnings(run):
+        say(f"warning: {w}")
 
     mesh = build_mesh(run.mesh)
     sh.check_mesh_fits(config, mesh)
@@ -402,17 +470,19 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
         return TrainResult("already_complete", run_dir, start_step, checkpointer.step_dir(latest), {}, None)
 
     shape = (s.grad_accum, s.micro_batch_size)
+    # One process decides alone when to stop; several agree through the step itself (see StopVote).
+    vote = StopVote(mesh) if jax.process_count() > 1 else None
     with sh.use_mesh(mesh, rules):
-        step_fn = jax.jit(
-            make_train_step(layout.build, layout.optimizer, layout.schedule, s.loss_chunk_size),
-            in_shardings=(layout.shardings, micro_sh),
-            out_shardings=(layout.shardings, layout.replicated),
-            donate_argnums=0,
-        )
+        step_body = make_train_step(layout.build, layout.optimizer, layout.schedule, s.loss_chunk_size)
         batch_abstract = jax.ShapeDtypeStruct((*shape, s.seq_len + 1), jnp.int32, sharding=micro_sh)
+        in_sh, out_sh, args = (layout.shardings, micro_sh), (layout.shardings, layout.replicated), ()
+        if vote is not None:
+            step_body = with_stop_vote(step_body)
+            in_sh, out_sh, args = (*in_sh, vote.sharding), (*out_sh, layout.replicated), (vote.abstract,)
+        step_fn = jax.jit(step_body, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=0)
         t0 = time.perf_counter()
         say("compiling the training step ...")
-        compiled_step = step_fn.lower(layout.abstract, batch_abstract).compile()
+        compiled_step = step_fn.lower(layout.abstract, batch_abstract, *args).compile()
         say(f"compiled in {time.perf_counter() - t0:.1f} s")
         eval_fn = None
         if eval_src is not None:
@@ -474,12 +544,20 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
         with _stop_on_signals() as stop:
             t_mark, step_mark = time.perf_counter(), step
             while step < s.steps:
-                if stop.is_set():
+                if stop.is_set() if vote is None else vote.agreed():
                     status = "terminated"
-                    name = signal.Signals(getattr(stop, "signum", signal.SIGTERM)).name
-                    logger.message(f"{name} received: saving a checkpoint at step {step} before exiting")
+                    if stop.is_set():
+                        reason = f"{signal.Signals(getattr(stop, 'signum', signal.SIGTERM)).name} received"
+                    else:
+                        reason = "another process received a stop signal"
+                    logger.message(f"{reason}: saving a checkpoint at step {step} before exiting")
                     break
-                state, metrics = compiled_step(state, global_batch(train_src, position, shape, micro_sh))
+                batch = global_batch(train_src, position, shape, micro_sh)
+                if vote is None:
+                    state, metrics = compiled_step(state, batch)
+                else:
+                    state, metrics, any_stop = compiled_step(state, batch, vote.flags(stop.is_set()))
+                    vote.record(any_stop)
                 position += s.batch_size
                 step += 1
                 logger.advance(1)

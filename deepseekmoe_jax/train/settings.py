@@ -239,6 +239,22 @@ def _fine_tune_config(raw: Mapping[str, Any], init_from: str, where: str) -> Dee
         raise ConfigError(f"{where}: options: {e}") from None
 
 
+def precision_warnings(run: RunConfig) -> list[str]:
+    """Warnings about the parameter dtype of a run: fine-tuning a checkpoint saved in bfloat16 (the default of a
+    converted deepseek-moe-16b) keeps that dtype unless ``options.param_dtype`` says otherwise, and then the master
+    weights, gradients and optimizer state are all bfloat16."""
+    dtype = run.model.options.param_dtype
+    asked = "param_dtype" in (run.raw.get("options") or {})
+    if run.train.init_from is None or asked or dtype == "float32":
+        return []
+    return [
+        f"the checkpoint in train.init_from={run.train.init_from} stores {dtype} parameters and the config does "
+        f"not set options.param_dtype, so this run trains with {dtype} master weights, gradients and optimizer "
+        f"state (updates smaller than {dtype}'s precision are lost); for float32 master weights set "
+        "options.param_dtype: float32 in the config (or --set options.param_dtype=float32)"
+    ]
+
+
 def load_run_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Read a project config file and apply dotted ``overrides`` (``{"train.steps": 100}``)."""
     raw = read_config_file(path)
