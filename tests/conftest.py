@@ -66,6 +66,17 @@ def repo_root() -> pathlib.Path:
     return ROOT
 
 
+@pytest.fixture(scope="module")
+def cli(repo_root):
+    """``train.py`` imported as a module, to call its ``main(argv)`` (exit status, messages) in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_cli", repo_root / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def tiny_config() -> DeepseekConfig:
     return DeepseekConfig.from_file(ROOT / "configs" / "tiny.yaml")

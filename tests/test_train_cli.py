@@ -1,6 +1,5 @@
 """`train.py` as users run it: the built-in default run and the ``prepare`` subcommand, as real subprocesses."""
 
-import importlib.util
 import json
 import os
 import shlex
@@ -8,7 +7,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from deepseekmoe_jax.checkpoint import load_checkpoint
 from deepseekmoe_jax.train.data import TokenDataset
@@ -23,15 +21,6 @@ def _run(repo_root, args, cwd, timeout=300):
         cwd=str(cwd),
         timeout=timeout,
     )
-
-
-@pytest.fixture(scope="module")
-def cli(repo_root):
-    """``train.py`` imported as a module, to call its ``main(argv)`` in this process."""
-    spec = importlib.util.spec_from_file_location("train_cli", repo_root / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_default_run(repo_root, tmp_path, tmp_path_factory):

@@ -7,7 +7,6 @@ One uninterrupted run (in process) is the reference; the same run is then killed
 """
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -87,15 +86,6 @@ def workdir(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
     enable_compilation_cache(cache)
     return root, cache
-
-
-@pytest.fixture(scope="module")
-def cli(repo_root):
-    """``train.py`` imported as a module, to call its ``main(argv)`` (exit status, messages) in this process."""
-    spec = importlib.util.spec_from_file_location("train_cli", repo_root / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -245,15 +235,21 @@ def test_kill_then_sigterm_then_resume_reproduces_the_run(reference_run, workdir
 
 
 # ----------------------------------------------------------------------------------------------- failures
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(reference_run, workdir):
+def _diverging_continuation(reference_run, workdir, name):
+    """A copy of the reference run continued for 8 more steps at a learning rate that makes the loss overflow."""
     raw, result, _ = reference_run
     root, _ = workdir
-    run_c = root / "run_c"
-    shutil.copytree(result.run_dir, run_c)
+    run_dir = root / name
+    shutil.copytree(result.run_dir, run_dir)
     cfg = copy.deepcopy(raw)
     cfg["train"].update(
-        run_dir=str(run_c), steps=STEPS + 8, learning_rate=1e30, schedule="constant", checkpoint_every=1
+        run_dir=str(run_dir), steps=STEPS + 8, learning_rate=1e30, schedule="constant", checkpoint_every=1
     )
+    return run_dir, cfg
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(reference_run, workdir):
+    run_c, cfg = _diverging_continuation(reference_run, workdir, "run_c")
     with pytest.raises(NonFiniteLoss) as info:
         train(run_config_from_dict(cfg), progress=False, log=lambda _m: None)
     err = info.value
@@ -267,14 +263,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(reference_run,
 
 
 def test_cli_exit_status_for_a_non_finite_loss(reference_run, workdir, cli, capsys):
-    raw, result, _ = reference_run
-    root, _ = workdir
-    run_d = root / "run_d"
-    shutil.copytree(result.run_dir, run_d)
-    cfg = copy.deepcopy(raw)
-    cfg["train"].update(
-        run_dir=str(run_d), steps=STEPS + 8, learning_rate=1e30, schedule="constant", checkpoint_every=1
-    )
+    run_d, cfg = _diverging_continuation(reference_run, workdir, "run_d")
+    root = run_d.parent
     _write_config(cfg, root / "run_d.yaml")
     assert cli.main(["--config", str(root / "run_d.yaml"), "--no-progress"]) == 3
     err = capsys.readouterr().err
