@@ -112,3 +112,24 @@ def test_gate_and_norm_statistics_are_float32_under_bfloat16():
     normed = (x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-6)).astype(jnp.bfloat16)
     want = (np.asarray(norm.weight[...], np.float64) * np.asarray(normed, np.float64)).astype(jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+
+
+def test_train_and_eval_modes():
+    """``model.train()`` switches on training mode (balance loss, training capacity factor), ``model.eval()`` back
+    to the exact no-drop evaluation; ``training=`` overrides either for one call."""
+    config = small_config(options={"capacity_factor_train": 0.5, "min_capacity": 1})
+    model = DeepseekForCausalLM(config, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 16)))
+
+    def run(**kwargs):
+        out = model(ids, **kwargs)
+        return float(out.aux_loss), float(jnp.mean(out.moe_metrics.dropped_fraction))
+
+    assert run() == (0.0, 0.0)  # a new model evaluates
+    model.train()
+    aux, dropped = run()
+    assert aux > 0 and dropped > 0
+    assert run(training=False) == (0.0, 0.0)
+    model.eval()
+    assert run() == (0.0, 0.0)
+    assert run(training=True) == (aux, dropped)
