@@ -57,13 +57,17 @@ class CheckpointError(ValueError):
 def write_config_files(
     directory: str | os.PathLike, config: DeepseekConfig, extra: dict[str, Any] | None = None
 ) -> None:
-    """Write ``config.json`` (HF) and ``deepseekmoe_jax.json`` (format version, options, ``extra``)."""
+    """Write ``config.json`` (HF) and ``deepseekmoe_jax.json`` (format version, options, ``extra``), each written
+    aside and renamed into place."""
     directory = os.fspath(directory)
     config.save_hf(os.path.join(directory, CONFIG_FILE))
     meta = {"format_version": FORMAT_VERSION, "options": config.options.to_dict(), **(extra or {})}
-    with open(os.path.join(directory, METADATA_FILE), "w", encoding="utf-8") as f:
+    path = os.path.join(directory, METADATA_FILE)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
         f.write("\n")
+    os.replace(tmp, path)
 
 
 def find_config_dir(path: str | os.PathLike) -> str:

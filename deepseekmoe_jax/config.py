@@ -468,13 +468,16 @@ class DeepseekConfig:
         return out
 
     def save_hf(self, path: str | os.PathLike) -> None:
-        """Write ``config.json`` (``path`` is the file or its directory)."""
+        """Write ``config.json`` (``path`` is the file or its directory); written aside and renamed, so a reader
+        never sees a partial file."""
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        with open(path, "w", encoding="utf-8") as f:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.to_hf(), f, indent=2, sort_keys=True)
             f.write("\n")
+        os.replace(tmp, path)
 
     # ------------------------------------------------------------------ project config files
     @classmethod

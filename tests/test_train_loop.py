@@ -180,7 +180,7 @@ def _wait_for(proc, metrics_path, predicate, timeout=240):
                 records = []  # a line being written
             if predicate(records):
                 return True
-        time.sleep(0.005)
+        time.sleep(0.02)
     raise AssertionError("timed out waiting for the training subprocess")
 
 

@@ -180,6 +180,8 @@ def prepare_run_dir(run: RunConfig, dataset: TokenDataset, resuming: bool) -> No
                 f"{run_dir} holds checkpoints of a different model ({details}); use another train.run_dir "
                 "or restore the original model settings to resume"
             )
+    # Every process has read the old config before process 0 replaces it.
+    _sync("run directory checked")
     if jax.process_index() != 0:
         return
     os.makedirs(run_dir, exist_ok=True)
