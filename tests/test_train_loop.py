@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -232,6 +233,12 @@ def test_kill_then_sigterm_then_resume_reproduces_the_run(reference_run, workdir
     assert sorted(got) == sorted(ref)  # one record per step: the killed run's extra records were dropped
     mismatched = {k: (ref[k], got[k]) for k in ref if got[k] != ref[k]}
     assert not mismatched, mismatched  # bit-for-bit the same losses
+    # The final checkpoint's step, data position and RNG equal the uninterrupted run's.
+    final = [
+        json.loads((run / "checkpoints" / str(STEPS) / "train_state" / "metadata").read_text())
+        for run in (run_b, pathlib.Path(reference_run[1].run_dir))
+    ]
+    assert final[0] == final[1] and final[0]["step"] == STEPS and final[0]["data_position"] > 0, final
 
 
 # ----------------------------------------------------------------------------------------------- failures
