@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from deepseekmoe_jax.config import ConfigError, DeepseekConfig, ModelOptions
+from deepseekmoe_jax.sharding import abstract_param_state, key_path
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -91,9 +92,14 @@ def read_config(path: str | os.PathLike) -> DeepseekConfig:
         try:
             with open(meta_path, encoding="utf-8") as f:
                 meta = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from None
-        options = ModelOptions.from_dict(meta.get("options"))
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{meta_path}: expected a JSON object, found a {type(meta).__name__}")
+        try:
+            options = ModelOptions.from_dict(meta.get("options"))
+        except ConfigError as e:
+            raise CheckpointError(f"{meta_path}: {e}") from None
     try:
         return DeepseekConfig.from_hf(os.path.join(directory, CONFIG_FILE), options=options)
     except ConfigError as e:
@@ -123,53 +129,120 @@ def save_params(model: nnx.Module, directory: str | os.PathLike) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def make_staging_dir(target: str) -> str:
+    """A new empty directory next to ``target`` (hidden name) with the permissions a plain ``mkdir`` would give
+    (``tempfile.mkdtemp``'s private mode would otherwise become the published directory's)."""
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=os.path.dirname(target))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
+def publish_directory(staged: str, target: str) -> None:
+    """Move the complete directory ``staged`` to ``target`` (same filesystem), replacing an existing ``target``.
+
+    A directory cannot be renamed over a non-empty one, so an existing ``target`` is first moved aside, and moved
+    back if the second rename fails: at every moment either the old or the new directory is at ``target``.
+    """
+    if not os.path.lexists(target):
+        os.replace(staged, target)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+    previous = os.path.join(old, "previous")
+    try:
+        os.replace(target, previous)
+    except BaseException:
+        os.rmdir(old)
+        raise
+    try:
+        os.replace(staged, target)
+    except BaseException as e:
+        try:
+            os.replace(previous, target)
+        except OSError as restore_error:
+            raise CheckpointError(
+                f"{target}: could not be replaced ({e}) nor restored ({restore_error.strerror or restore_error}); "
+                f"its previous contents are kept in {previous}: move them back by hand"
+            ) from e
+        os.rmdir(old)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(model: nnx.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Write a complete model directory (config files + params) atomically: built next to ``directory`` and
-    renamed into place; an existing ``directory`` is only replaced with ``overwrite=True``.
+    renamed into place; an existing ``directory`` is only replaced with ``overwrite=True``, and only once the new
+    one is complete.
 
     In a multi-process run every process must call this with the same ``directory`` on a filesystem they share:
     each writes the shards of the parameters it holds, and process 0 writes the config files and renames the
-    finished directory into place.
+    finished directory into place. A failure in any process (outside Orbax's own collective write) is raised in
+    every process, and the staging directory is removed.
     """
     import orbax.checkpoint as ocp
-    from jax.experimental import multihost_utils
+
+    from deepseekmoe_jax import distributed
 
     directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
     if os.path.exists(directory) and not overwrite:
         raise CheckpointError(f"{directory} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     parent = os.path.dirname(directory)
-    multi_process = jax.process_count() > 1
-    primary = jax.process_index() == 0
+    multi_process = distributed.process_count() > 1
+    primary = distributed.is_main_process()
+    # Every process writes into the same staging directory, so in a multi-process run its name is fixed.
+    shared_tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-saving")
+    tmp = shared_tmp
 
-    def barrier(stage: str) -> None:
+    def stage(name: str, work) -> None:
+        """Run ``work`` here, then agree across processes whether every process succeeded."""
+        error = None
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 (re-raised below, after the other processes have heard of it)
+            error = e
         if multi_process:
-            multihost_utils.sync_global_devices(f"deepseekmoe_jax.save_checkpoint:{directory}:{stage}")
+            from jax.experimental import multihost_utils
 
-    if multi_process:
-        # Every process must write into the same staging directory, so its name is fixed rather than random.
-        tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-saving")
-        if primary:
-            os.makedirs(parent, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-    else:
+            failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
+            if error is None and failed.any():
+                error = CheckpointError(
+                    f"{directory}: saving failed in process(es) {np.flatnonzero(failed).tolist()} while {name}; "
+                    "their logs have the error"
+                )
+        if error is not None:
+            if primary:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise error
+
+    def make_tmp() -> None:
+        nonlocal tmp
+        if not primary:
+            return
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    try:
-        barrier("staged")
+        if multi_process:
+            shutil.rmtree(shared_tmp, ignore_errors=True)
+            os.makedirs(shared_tmp)
+        else:
+            tmp = make_staging_dir(directory)
+
+    def write_params() -> None:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, PARAMS_DIR), param_tree(model))
         ckptr.wait_until_finished()
-        barrier("written")
+
+    def finish() -> None:
         if primary:
             write_config_files(tmp, model.config, {"param_dtype": model.config.options.param_dtype})
-            if os.path.exists(directory):
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        barrier("renamed")
+            publish_directory(tmp, directory)
+
+    try:
+        stage("creating the staging directory", make_tmp)
+        stage("writing the parameters", write_params)
+        stage("writing the config files and publishing", finish)
     except BaseException:
-        if primary:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if primary and not multi_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # also after Ctrl-C
         raise
 
 
@@ -213,15 +286,15 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None 
             "deepseekmoe-convert hf-to-jax or a train.py checkpoint step"
         )
     config = read_config(path)
-    reader = ParamsReader(params_dir)
-    reader.check_matches(config)
-    reader.check_complete()
     if dtype is not None:
         config = config.with_options(param_dtype=str(jnp.dtype(dtype)))
     abstract = nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, params_state, rest = nnx.split(abstract, nnx.Param, ...)
+    reader = ParamsReader(params_dir)
+    reader.check_matches(config, params_state)
+    reader.check_complete()
     if mesh is not None:
-        check_mesh_fits(config, mesh)
+        check_mesh_fits(config, mesh, abstract_params=params_state)
         shardings = param_shardings(params_state, rules_for(config), mesh)
     else:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -236,6 +309,8 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None 
             restored = ocp.StandardCheckpointer().restore(params_dir, target)
     except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise many types for damaged directories)
         detail = (str(e).splitlines() or [type(e).__name__])[0].split(" See full TensorStore details")[0]
+        if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+            raise  # out of memory: not the checkpoint's fault (pass a mesh, or dtype="bfloat16")
         raise CheckpointError(
             f"{params_dir}: cannot restore the parameters ({detail}); the directory is incomplete or damaged, "
             "convert or copy it again"
@@ -271,21 +346,14 @@ def leaf_path(path: tuple) -> LeafPath:
     return tuple(str(p) for p in path)
 
 
-def _abstract_params(config: DeepseekConfig):
-    from deepseekmoe_jax.model import DeepseekForCausalLM
-
-    abstract = nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
-    return nnx.state(abstract, nnx.Param)
-
-
 def param_specs(config: DeepseekConfig, state: Any = None) -> dict[LeafPath, LeafSpec]:
     """Every parameter of ``DeepseekForCausalLM(config)`` (path -> `LeafSpec`), computed without allocating."""
-    state = _abstract_params(config) if state is None else state
+    state = abstract_param_state(config) if state is None else state
     out = {}
     flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     for keys, var in flat:
         value = var.get_value() if hasattr(var, "get_value") else var.value
-        path = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+        path = key_path(keys)
         axes = tuple(var.get_metadata().get("logical_axes") or (None,) * len(value.shape))
         out[path] = LeafSpec(tuple(value.shape), np.dtype(value.dtype), axes)
     return out
@@ -293,9 +361,7 @@ def param_specs(config: DeepseekConfig, state: Any = None) -> dict[LeafPath, Lea
 
 def _nested(flat: dict[LeafPath, Any], like: Any) -> Any:
     """Rebuild ``like`` (a nested pure dict with the model's key types) with values from ``flat``."""
-    return jax.tree_util.tree_map_with_path(
-        lambda keys, _: flat[tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)], like
-    )
+    return jax.tree_util.tree_map_with_path(lambda keys, _: flat[key_path(keys)], like)
 
 
 _CHUNK_TARGET_BYTES = 16 * 2**20
@@ -335,7 +401,7 @@ class ParamsWriter:
 
         ts = _ts()
         self.params_dir = os.path.abspath(params_dir)
-        state = _abstract_params(config)
+        state = abstract_param_state(config)
         self.specs = specs = param_specs(config, state)
         like = nnx.to_pure_dict(state)
         self._max_pending = max_pending_bytes
@@ -430,16 +496,22 @@ def _metadata_tree(metadata: Any) -> dict[LeafPath, Any]:
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-    return {tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys): v for keys, v in flat}
+    return {key_path(keys): v for keys, v in flat}
 
 
 def params_dir_of(path: str | os.PathLike) -> str:
     """The ``params/`` directory of a model directory or a training step directory (``path`` itself if it is one)."""
     path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
-        return os.path.join(path, PARAMS_DIR)
-    if os.path.basename(path) == PARAMS_DIR and os.path.isfile(os.path.join(path, "_METADATA")):
-        return path
+    candidate = os.path.join(path, PARAMS_DIR)
+    if not os.path.isdir(candidate) and os.path.basename(path) == PARAMS_DIR:
+        candidate = path  # the params/ directory itself
+    if os.path.isdir(candidate):
+        if not os.path.isfile(os.path.join(candidate, "_METADATA")):
+            raise CheckpointError(
+                f"{candidate}: no _METADATA file, so this is not a complete Orbax checkpoint "
+                "(an interrupted copy or save?); copy or convert it again"
+            )
+        return candidate
     raise CheckpointError(
         f"{path}: no {PARAMS_DIR}/ directory; expected a directory written by deepseekmoe-convert hf-to-jax or a "
         "training checkpoint step (a directory holding params/)"
@@ -538,10 +610,10 @@ class ParamsReader:
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{self.params_dir}: cannot read {leaf_name(path)}{list(index)} ({e})") from None
 
-    def check_matches(self, config: DeepseekConfig) -> dict[LeafPath, LeafSpec]:
+    def check_matches(self, config: DeepseekConfig, state: Any = None) -> dict[LeafPath, LeafSpec]:
         """Raise `CheckpointError` unless the stored arrays are exactly the parameters of ``config`` (any float
-        dtype); returns the model's `param_specs`."""
-        specs = param_specs(config)
+        dtype); returns the model's `param_specs` (``state``: the abstract parameters, if already built)."""
+        specs = param_specs(config, state)
         for path, spec in specs.items():
             if path not in self.leaves:
                 raise CheckpointError(

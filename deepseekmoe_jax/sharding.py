@@ -298,15 +298,17 @@ def mesh_from_config(mesh_config: Mapping[str, Any] | None = None, *, devices=No
     return make_mesh(**sizes, devices=devices, config=config)
 
 
+def key_path(path) -> tuple[str, ...]:
+    """A pytree key path (dict keys, sequence indices, attribute names) as a tuple of strings."""
+    return tuple(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
+
+
 def _path_str(path) -> str:
-    parts = []
-    for p in path:
-        key = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
-        parts.append(str(key))
-    return "/".join(parts)
+    return "/".join(key_path(path))
 
 
-def _abstract_params(config):
+def abstract_param_state(config):
+    """The model's parameters as an abstract NNX state (shapes, dtypes, logical axes), without allocating."""
     from flax import nnx
 
     from deepseekmoe_jax.model import DeepseekForCausalLM
@@ -356,7 +358,7 @@ def check_mesh_fits(config, mesh: Mesh, rules: Mapping[str, Any] | None = None, 
                 f"{logical!r}); choose a tensor axis size that divides the number of heads"
             )
 
-    params = _abstract_params(config) if abstract_params is None else abstract_params
+    params = abstract_param_state(config) if abstract_params is None else abstract_params
     leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
     for path, var in leaves:
         axes = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None

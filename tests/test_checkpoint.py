@@ -194,3 +194,52 @@ def test_missing_chunk_is_reported_not_read_as_zeros(tmp_path):
     # An intact sibling is unaffected.
     path = leaf_path(tuple("model.segments.1.layers.0.mlp.experts.w_down".split(".")))
     np.testing.assert_array_equal(reader.read(path), np.asarray(flat_params(model)[path]))
+
+
+def test_save_checkpoint_publishes_safely(tmp_path, monkeypatch):
+    """The published directory has ordinary permissions; an overwrite whose final rename fails leaves the old
+    directory in place (and no staging directories)."""
+    import deepseekmoe_jax.checkpoint as checkpoint_module
+
+    target = tmp_path / "ckpt"
+    save_checkpoint(random_model(CONFIG, seed=9), str(target))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == 0o777 & ~umask
+    before = sorted(p.name for p in target.rglob("*"))
+
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if os.fspath(dst) == str(target) and ".tmp-" in os.fspath(src):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(random_model(CONFIG, seed=10), str(target), overwrite=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in target.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    np.testing.assert_array_equal(  # still the first model
+        np.asarray(flat_params(load_checkpoint(str(target)))[("model", "norm", "weight")]),
+        np.asarray(flat_params(random_model(CONFIG, seed=9))[("model", "norm", "weight")]),
+    )
+
+
+def test_damaged_metadata_files_are_named(tmp_path):
+    directory = tmp_path / "ckpt"
+    save_checkpoint(random_model(CONFIG, seed=11), str(directory))
+    meta = directory / "deepseekmoe_jax.json"
+    original = meta.read_text()
+    meta.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"deepseekmoe_jax\.json: expected a JSON object, found a list"):
+        read_config(str(directory))
+    meta.write_text(json.dumps({**json.loads(original), "options": {"no_such_option": 1}}))
+    with pytest.raises(CheckpointError, match=r"deepseekmoe_jax\.json: .*no_such_option"):
+        load_checkpoint(str(directory))
+    meta.write_text(original)
+    os.remove(directory / PARAMS_DIR / "_METADATA")
+    for read in (ParamsReader, load_checkpoint):
+        with pytest.raises(CheckpointError, match=r"params: no _METADATA file"):
+            read(str(directory))
