@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepseekmoe_jax.config import ConfigError, DeepseekConfig, ModelOptions
+from deepseekmoe_jax.config import ConfigError, DeepseekConfig, ModelOptions, write_text_atomically
 from deepseekmoe_jax.sharding import abstract_param_state, key_path
 
 PARAMS_DIR = "params"
@@ -63,12 +63,7 @@ def write_config_files(
     directory = os.fspath(directory)
     config.save_hf(os.path.join(directory, CONFIG_FILE))
     meta = {"format_version": FORMAT_VERSION, "options": config.options.to_dict(), **(extra or {})}
-    path = os.path.join(directory, METADATA_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_atomically(os.path.join(directory, METADATA_FILE), json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def find_config_dir(path: str | os.PathLike) -> str:

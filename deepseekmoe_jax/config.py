@@ -8,6 +8,7 @@ a separate `ModelOptions` object attached as ``config.options``; it is never wri
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -135,6 +136,21 @@ def _freeze_axis(v):
     if isinstance(v, list | tuple):
         return tuple(v)
     return v
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory renamed over it: a reader sees
+    the old file or the new one, never a partial one, and a failed write leaves no temporary file behind."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 @dataclasses.dataclass(frozen=True, eq=True)
@@ -473,11 +489,7 @@ class DeepseekConfig:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_hf(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_text_atomically(path, json.dumps(self.to_hf(), indent=2, sort_keys=True) + "\n")
 
     # ------------------------------------------------------------------ project config files
     @classmethod
