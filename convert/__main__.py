@@ -24,6 +24,17 @@ EPILOG = textwrap.dedent(
 )
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a count of 0 would make the command do nothing and still pass)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deepseekmoe-convert",
@@ -120,9 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("hf_dir", metavar="HF_DIR", help="the original HF checkpoint")
     v.add_argument("jax_dir", metavar="JAX_DIR", help="the converted JAX model directory (or a training step)")
     v.add_argument("--num-layers", type=int, help="check only the first N layers (default: all)")
-    v.add_argument("--batches", type=int, default=3, help="number of random batches (default 3)")
-    v.add_argument("--batch-size", type=int, default=2, help="sequences per batch (default 2)")
-    v.add_argument("--seq-len", type=int, default=32, help="tokens per sequence (default 32)")
+    v.add_argument("--batches", type=_positive_int, default=3, help="number of random batches (default 3)")
+    v.add_argument("--batch-size", type=_positive_int, default=2, help="sequences per batch (default 2)")
+    v.add_argument("--seq-len", type=_positive_int, default=32, help="tokens per sequence (default 32)")
     v.add_argument("--tolerance", type=float, default=1e-4, help="max allowed relative difference (default 1e-4)")
     v.add_argument("--seed", type=int, default=0)
     return p

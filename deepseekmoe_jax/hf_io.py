@@ -201,6 +201,10 @@ class SafetensorsFile:
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
             raise self._fail(f"header entry {key!r} lacks dtype/shape/data_offsets; the file is corrupt")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str):
+            raise self._fail(
+                f"header entry {key!r} has an invalid dtype {dtype!r}; the file is corrupt: re-download it"
+            )
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise self._fail(f"header entry {key!r} has an invalid shape {shape!r}; the file is corrupt")
         if not (
@@ -465,8 +469,12 @@ def _read_index(directory: str, name: str) -> tuple[list[str], dict[str, str]]:
     try:
         with open(path, encoding="utf-8") as f:
             index = json.load(f)
+    except UnicodeDecodeError:
+        raise HFCheckpointError(f"{path}: not valid UTF-8 text, so not a JSON index; re-download it") from None
     except json.JSONDecodeError as e:
         raise HFCheckpointError(f"{path}: not valid JSON ({e}); re-download it") from None
+    except OSError as e:
+        raise HFCheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise HFCheckpointError(f"{path}: no 'weight_map' object (key -> shard file); re-download it")
@@ -648,9 +656,14 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         raise ValueError(f"cannot parse size {text!r}; use e.g. 5GB, 500MB or 2GiB") from None
+    if not math.isfinite(value) or not math.isfinite(value * mult):
+        raise ValueError(f"size {text!r} is not a finite number of bytes; use e.g. 5GB, 500MB or 2GiB")
     if value <= 0:
         raise ValueError(f"size {text!r} must be positive")
-    return int(value * mult)
+    size = int(value * mult)
+    if size < 1:
+        raise ValueError(f"size {text!r} is less than one byte; use e.g. 5GB, 500MB or 2GiB")
+    return size
 
 
 def iter_file_order(ckpt: HFCheckpoint, keys: Iterable[str]) -> Iterator[str]:
