@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -216,6 +217,43 @@ def test_jax_to_hf_dtype_override(variants, tmp_path):
     assert main(["jax-to-hf", v.jax_dir, out, "--dtype", "float32", "--no-progress"]) == 0
     original, back = load_hf_tensors(v.hf_dir), load_hf_tensors(out)
     assert all(back[k].dtype == torch.float32 and torch.equal(back[k], original[k].float()) for k in original)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["torch_dtype"] == "float32"  # the dtype the tensors are stored in, not the source's
+
+
+def test_config_records_the_stored_dtype(variants, tmp_path):
+    """Converting a bfloat16 checkpoint to float32 (either direction) writes config.json with ``torch_dtype`` (and
+    the newer ``dtype`` key where the source has it) naming float32, the dtype of the written parameters."""
+    import orbax.checkpoint as ocp
+
+    v = variants["moe_bf16"]
+    src = shutil.copytree(v.hf_dir, str(tmp_path / "hf"))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["torch_dtype"] == "bfloat16"
+    cfg["dtype"] = "bfloat16"
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    wide = str(tmp_path / "jax32")
+    assert main(["hf-to-jax", src, wide, "--dtype", "float32", "--no-progress"]) == 0
+    with open(os.path.join(wide, "config.json")) as f:
+        written = json.load(f)
+    assert written["torch_dtype"] == "float32" and written["dtype"] == "float32"
+    params = ocp.StandardCheckpointer().restore(os.path.join(wide, PARAMS_DIR))
+    assert {np.dtype(x.dtype) for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+    back = str(tmp_path / "back32")  # no --dtype: written as stored (float32), and config.json says so
+    assert main(["jax-to-hf", wide, back, "--no-progress"]) == 0
+    with open(os.path.join(back, "config.json")) as f:
+        written = json.load(f)
+    assert written["torch_dtype"] == "float32" and written["dtype"] == "float32"
+    assert {t.dtype for t in load_hf_tensors(back).values()} == {torch.float32}
+    narrow = str(tmp_path / "back16")
+    assert main(["jax-to-hf", wide, narrow, "--dtype", "bfloat16", "--no-progress"]) == 0
+    with open(os.path.join(narrow, "config.json")) as f:
+        written = json.load(f)
+    assert written["torch_dtype"] == "bfloat16" and written["dtype"] == "bfloat16"
+    original = load_hf_tensors(v.hf_dir)
+    assert all(same_bits(original[k], t) for k, t in load_hf_tensors(narrow).items())
 
 
 def test_training_checkpoint_to_hf(tmp_path, capsys):
