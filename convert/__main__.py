@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 from convert.common import DTYPE_CHOICES, ConvertError, log
+from deepseekmoe_jax.hf_io import DEFAULT_MAX_SHARD_BYTES
 
 EPILOG = textwrap.dedent(
     """\
@@ -99,8 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--dtype", choices=DTYPE_CHOICES, help="dtype of the written tensors (default: as stored)")
     j.add_argument(
         "--max-shard-size",
-        default="5GB",
-        help="largest safetensors shard, e.g. 5GB (default), 500MB, 2GiB",
+        help=f"largest safetensors shard, e.g. 500MB or 2GiB (default {DEFAULT_MAX_SHARD_BYTES // 10**9}GB)",
     )
     j.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists (after success)")
     j.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             from convert.jax_to_hf import convert_jax_to_hf
 
             try:
-                max_bytes = parse_size(args.max_shard_size)
+                max_bytes = DEFAULT_MAX_SHARD_BYTES if args.max_shard_size is None else parse_size(args.max_shard_size)
             except ValueError as e:
                 raise ConvertError(f"--max-shard-size: {e}") from None
             convert_jax_to_hf(

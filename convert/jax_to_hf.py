@@ -31,6 +31,7 @@ from convert.common import (
 )
 from deepseekmoe_jax.checkpoint import ParamsReader, find_config_dir, leaf_path, read_config
 from deepseekmoe_jax.hf_io import (
+    DEFAULT_MAX_SHARD_BYTES,
     SAFE_INDEX,
     PlannedTensor,
     SafetensorsWriter,
@@ -42,7 +43,6 @@ from deepseekmoe_jax.hf_io import (
 )
 from deepseekmoe_jax.hf_weights import hf_key_shapes, iter_targets
 
-DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", the size HF's save_pretrained uses
 READ_AHEAD_BYTES = 64 * 2**20
 
 

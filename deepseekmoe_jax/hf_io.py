@@ -69,7 +69,10 @@ _SAFETENSORS_ITEMSIZE = {
     "C64": 8,
 }
 _NUMPY_TO_SAFETENSORS = {v: k for k, v in READABLE_SAFETENSORS_DTYPES.items()}
-_TORCH_READABLE = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# torch dtype names ("bfloat16", ...; numpy's names for the same types) -> safetensors codes.
+_TORCH_READABLE = {dt.name: code for code, dt in READABLE_SAFETENSORS_DTYPES.items()}
+# Largest safetensors shard written by default: "5GB", the size HF's save_pretrained uses.
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
@@ -260,6 +263,18 @@ def unreadable_dtype_error(info: TensorInfo, path: str) -> HFCheckpointError:
 
 
 # ----------------------------------------------------------------------------------------------- torch .bin
+def torch_to_numpy(t) -> np.ndarray:
+    """A CPU numpy view of torch tensor ``t`` (shape and values unchanged; bfloat16 becomes ml_dtypes' bfloat16,
+    reinterpreting the same bits, since numpy has no bfloat16 of its own). Shares memory with ``t`` when it is
+    already on the CPU."""
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
 def _libc_madvise():
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -330,14 +345,10 @@ class TorchBinFile:
         info = self.tensors[key]
         if not info.readable:
             raise unreadable_dtype_error(info, self.path)
-        torch = self._torch
         full = self._state[key]
         t = full if rows is None else full[rows[0] : rows[1]]
         try:
-            if t.dtype == torch.bfloat16:
-                arr = np.array(t.contiguous().view(torch.int16).numpy()).view(ml_dtypes.bfloat16)
-            else:
-                arr = np.array(t.contiguous().numpy())
+            arr = np.array(torch_to_numpy(t.contiguous()))
         except RuntimeError as e:  # data beyond a truncated archive surfaces here
             raise self._corrupt(e) from None
         if self.mapped and (rows is None or rows[1] == info.shape[0]):
@@ -623,7 +634,7 @@ def write_index(directory: str, shards: Sequence[Sequence[PlannedTensor]], names
 def save_safetensors_sharded(
     directory: str,
     tensors: Iterable[tuple[str, np.ndarray]],
-    max_shard_bytes: int = 5 * 10**9,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> list[str]:
     """Write an in-memory iterable of ``(key, array)`` as HF safetensors shards (+ index when more than one).
 
