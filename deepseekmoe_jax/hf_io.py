@@ -15,7 +15,8 @@ one tensor at a time. Safetensors data is read with positioned reads into a fres
 memory map: pages of a map stay counted in the process's resident memory until the whole file is unmapped, so a
 5 GB shard read through a map would show up as 5 GB of RSS. ``.bin`` files are opened with
 ``torch.load(mmap=True, weights_only=True)``; after a tensor has been copied out, its pages are released with
-``madvise(MADV_DONTNEED)`` for the same reason.
+``madvise(MADV_DONTNEED)`` for the same reason. Legacy (pre-zip) ``.bin`` files cannot be mapped: each is loaded
+whole while its tensors are read and dropped when reading moves on to another, so at most one is held.
 
 Every problem is reported as `HFCheckpointError` with one line naming the file, the key, what was expected and
 what was found, and what to do.
@@ -290,7 +291,12 @@ _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 
 
 class TorchBinFile:
-    """A ``pytorch_model*.bin`` file opened lazily with ``torch.load(mmap=True, weights_only=True)``."""
+    """A ``pytorch_model*.bin`` file opened lazily with ``torch.load(mmap=True, weights_only=True)``.
+
+    A legacy (pre-zip) ``torch.save`` file cannot be mapped and is read whole; ``mapped`` is then False. Such a
+    file's tensors are dropped again once it has been indexed (`unload`) and read back whole on the first `read`,
+    so that a checkpoint of many legacy shards holds at most the shard being read (see `HFCheckpoint.read`).
+    """
 
     def __init__(self, path: str, display_name: str | None = None):
         self.path = path
@@ -303,33 +309,54 @@ class TorchBinFile:
                 f"{path}: reading pytorch_model*.bin needs PyTorch (pip install torch; the CPU build is enough)"
             ) from None
         self._torch = torch
-        try:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as e:
-            if "mmap can only be used" not in str(e):
+        state = self._load()
+        self.tensors: dict[str, TensorInfo] = {}
+        for key, t in state.items():
+            name = str(t.dtype).removeprefix("torch.")
+            code = _TORCH_READABLE.get(name, name)
+            self.tensors[key] = TensorInfo(key, self.name, tuple(t.shape), code, t.numel() * t.element_size())
+        self._state: dict | None = state
+        if not self.mapped:
+            self.unload()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the file's tensors are held (always, for a mapped file: its pages are loaded on demand)."""
+        return self._state is not None
+
+    def _load(self) -> dict:
+        """The file's state dict (mapped where the format allows); every value checked to be a tensor."""
+        torch, path = self._torch, self.path
+        state = None
+        if self.mapped:
+            try:
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as e:
+                if "mmap can only be used" not in str(e):
+                    raise self._corrupt(e) from None
+                self.mapped = False
+            except Exception as e:  # noqa: BLE001 (any failure of the unpickler means the file is unusable)
                 raise self._corrupt(e) from None
-            # A legacy (pre-zip) torch.save file cannot be mapped; it is read whole.
-            self.mapped = False
+        if state is None:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e2:  # noqa: BLE001 (any failure of the unpickler means the file is unusable)
-                raise self._corrupt(e2) from None
-        except Exception as e:  # noqa: BLE001
-            raise self._corrupt(e) from None
+            except Exception as e:  # noqa: BLE001
+                raise self._corrupt(e) from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise HFCheckpointError(
                 f"{path}: holds a {type(state).__name__}, not a state dict of tensors; save the model's state_dict()"
             )
-        self._state = state
-        self.tensors: dict[str, TensorInfo] = {}
         for key, t in state.items():
             if not isinstance(t, torch.Tensor):
                 raise HFCheckpointError(f"{path}: entry {key!r} is a {type(t).__name__}, not a tensor")
-            name = str(t.dtype).removeprefix("torch.")
-            code = _TORCH_READABLE.get(name, name)
-            self.tensors[key] = TensorInfo(key, self.name, tuple(t.shape), code, t.numel() * t.element_size())
+        return state
+
+    def unload(self) -> None:
+        """Drop the tensors of an unmapped (legacy) file; the next `read` loads them again. No-op when mapped."""
+        if not self.mapped:
+            self._state = None
 
     def _corrupt(self, e: BaseException) -> HFCheckpointError:
         text = str(e).strip()
@@ -345,7 +372,14 @@ class TorchBinFile:
         info = self.tensors[key]
         if not info.readable:
             raise unreadable_dtype_error(info, self.path)
-        full = self._state[key]
+        if self._state is None:
+            self._state = self._load()
+        full = self._state.get(key)
+        if full is None or tuple(full.shape) != info.shape:
+            raise HFCheckpointError(
+                f"{self.path}: tensor {key!r} is no longer as first read ({info.shape}); the file changed during "
+                "the conversion: rerun it on a stable copy"
+            )
         t = full if rows is None else full[rows[0] : rows[1]]
         try:
             arr = np.array(torch_to_numpy(t.contiguous()))
@@ -370,7 +404,7 @@ class TorchBinFile:
             _MADVISE(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
     def close(self) -> None:
-        self._state = {}
+        self._state = None
 
 
 # ----------------------------------------------------------------------------------------------- directory
@@ -462,7 +496,13 @@ class HFCheckpoint:
     def read(self, key: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """Tensor ``key`` as a numpy array in its stored dtype (bfloat16 as ``ml_dtypes.bfloat16``); with
         ``rows=(start, stop)`` only that range of its first dimension."""
-        return self._readers[self.tensors[key].file].read(key, rows)
+        reader = self._readers[self.tensors[key].file]
+        if isinstance(reader, TorchBinFile) and not reader.mapped and not reader.loaded:
+            # An unmapped .bin shard is held whole while read: drop any other so that at most one is in memory.
+            for other in self._readers.values():
+                if other is not reader and isinstance(other, TorchBinFile):
+                    other.unload()
+        return reader.read(key, rows)
 
     def close(self) -> None:
         for r in self._readers.values():

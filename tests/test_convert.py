@@ -375,3 +375,47 @@ def test_cli_help_lists_commands_and_examples(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "example" in capsys.readouterr().out
+
+
+def test_legacy_bin_shards_are_held_one_at_a_time(variants, tmp_path, monkeypatch):
+    """Sharded .bin files in the legacy (pre-zip, not mappable) torch.save format convert to exactly the same
+    parameters as the zip format, and at most one such shard is held in memory at any time."""
+    import orbax.checkpoint as ocp
+
+    from deepseekmoe_jax import hf_io
+
+    v = variants["gqa_freq2"]
+    legacy = shutil.copytree(v.hf_dir, str(tmp_path / "hf"))
+    shards = sorted(f for f in os.listdir(legacy) if f.endswith(".bin"))
+    assert len(shards) == 3
+    for name in shards:
+        path = os.path.join(legacy, name)
+        tensors = torch.load(path, weights_only=True)
+        torch.save(tensors, path, _use_new_zipfile_serialization=False)
+
+    held = []
+    read = hf_io.TorchBinFile.read
+
+    def counting_read(self, key, rows=None):
+        out = read(self, key, rows)
+        held.append(sum(r.loaded for r in opened[-1]._readers.values()))
+        return out
+
+    opened = []
+    open_ckpt = hf_io.HFCheckpoint.open.__func__
+
+    def recording_open(cls, directory):
+        ckpt = open_ckpt(cls, directory)
+        assert all(not r.mapped and not r.loaded for r in ckpt._readers.values())  # indexed, then let go
+        opened.append(ckpt)
+        return ckpt
+
+    monkeypatch.setattr(hf_io.TorchBinFile, "read", counting_read)
+    monkeypatch.setattr(hf_io.HFCheckpoint, "open", classmethod(recording_open))
+    out = str(tmp_path / "jax")
+    assert main(["hf-to-jax", legacy, out, "--no-progress"]) == 0
+    assert len(held) == len(opened[0].tensors) and max(held) == 1
+    a = ocp.StandardCheckpointer().restore(os.path.join(out, PARAMS_DIR))
+    b = ocp.StandardCheckpointer().restore(os.path.join(v.jax_dir, PARAMS_DIR))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
