@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 from convert.common import DTYPE_CHOICES, ConvertError, log
+from deepseekmoe_jax.hf_io import DEFAULT_MAX_SHARD_BYTES
 
 EPILOG = textwrap.dedent(
     """\
@@ -22,6 +23,17 @@ EPILOG = textwrap.dedent(
     exit status: 0 success, 1 verify found a parity mismatch, 2 bad input (the message says what to fix).
     """
 )
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a count of 0 would make the command do nothing and still pass)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,8 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--dtype", choices=DTYPE_CHOICES, help="dtype of the written tensors (default: as stored)")
     j.add_argument(
         "--max-shard-size",
-        default="5GB",
-        help="largest safetensors shard, e.g. 5GB (default), 500MB, 2GiB",
+        help=f"largest safetensors shard, e.g. 500MB or 2GiB (default {DEFAULT_MAX_SHARD_BYTES // 10**9}GB)",
     )
     j.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists (after success)")
     j.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -120,9 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("hf_dir", metavar="HF_DIR", help="the original HF checkpoint")
     v.add_argument("jax_dir", metavar="JAX_DIR", help="the converted JAX model directory (or a training step)")
     v.add_argument("--num-layers", type=int, help="check only the first N layers (default: all)")
-    v.add_argument("--batches", type=int, default=3, help="number of random batches (default 3)")
-    v.add_argument("--batch-size", type=int, default=2, help="sequences per batch (default 2)")
-    v.add_argument("--seq-len", type=int, default=32, help="tokens per sequence (default 32)")
+    v.add_argument("--batches", type=_positive_int, default=3, help="number of random batches (default 3)")
+    v.add_argument("--batch-size", type=_positive_int, default=2, help="sequences per batch (default 2)")
+    v.add_argument("--seq-len", type=_positive_int, default=32, help="tokens per sequence (default 32)")
     v.add_argument("--tolerance", type=float, default=1e-4, help="max allowed relative difference (default 1e-4)")
     v.add_argument("--seed", type=int, default=0)
     return p
@@ -176,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             from convert.jax_to_hf import convert_jax_to_hf
 
             try:
-                max_bytes = parse_size(args.max_shard_size)
+                max_bytes = DEFAULT_MAX_SHARD_BYTES if args.max_shard_size is None else parse_size(args.max_shard_size)
             except ValueError as e:
                 raise ConvertError(f"--max-shard-size: {e}") from None
             convert_jax_to_hf(

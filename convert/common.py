@@ -95,6 +95,17 @@ def default_dtype(config: DeepseekConfig) -> str:
     return "bfloat16"
 
 
+def with_stored_dtype(config: DeepseekConfig, dtype: str) -> DeepseekConfig:
+    """``config`` whose config.json records ``dtype`` as the weights' dtype: ``torch_dtype`` always (as
+    ``save_pretrained`` writes it) and ``dtype`` where the source file had that newer key too, so that a loader
+    reading config.json sees the dtype the parameters are actually stored in."""
+    meta = dict(config.hf_metadata)
+    meta["torch_dtype"] = dtype
+    if "dtype" in meta:
+        meta["dtype"] = dtype
+    return config.replace(hf_metadata=meta)
+
+
 @contextlib.contextmanager
 def staging_dir(out_dir: str, *, overwrite: bool, inputs: tuple[str, ...] = ()) -> Iterator[str]:
     """A fresh temporary directory next to ``out_dir`` that becomes ``out_dir`` only if the block succeeds.

@@ -28,6 +28,7 @@ from convert.common import (
     row_axis,
     row_blocks,
     staging_dir,
+    with_stored_dtype,
 )
 from deepseekmoe_jax.checkpoint import PARAMS_DIR, ParamsWriter, leaf_path, write_config_files
 from deepseekmoe_jax.config import ConfigError, DeepseekConfig
@@ -212,7 +213,7 @@ def convert_hf_to_jax(
             count = sum(int(np.prod(s.shape)) for s in writer.specs.values())
             write_config_files(
                 tmp,
-                config,
+                with_stored_dtype(config, dtype),
                 {
                     "param_dtype": dtype,
                     "param_count": count,

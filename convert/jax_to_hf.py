@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -28,9 +27,11 @@ from convert.common import (
     row_axis,
     row_blocks,
     staging_dir,
+    with_stored_dtype,
 )
 from deepseekmoe_jax.checkpoint import ParamsReader, find_config_dir, leaf_path, read_config
 from deepseekmoe_jax.hf_io import (
+    DEFAULT_MAX_SHARD_BYTES,
     SAFE_INDEX,
     PlannedTensor,
     SafetensorsWriter,
@@ -42,7 +43,6 @@ from deepseekmoe_jax.hf_io import (
 )
 from deepseekmoe_jax.hf_weights import hf_key_shapes, iter_targets
 
-DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", the size HF's save_pretrained uses
 READ_AHEAD_BYTES = 64 * 2**20
 
 
@@ -192,13 +192,7 @@ def convert_jax_to_hf(
             bar.close()
         if len(shards) > 1:
             write_index(tmp, shards, names)
-        hf = config.to_hf()
-        hf["torch_dtype"] = dtype_label(out_dtype)
-        if "dtype" in hf:
-            hf["dtype"] = dtype_label(out_dtype)
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(hf, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with_stored_dtype(config, dtype_label(out_dtype)).save_hf(os.path.join(tmp, "config.json"))
         copied = copy_side_files(config_dir, tmp, config)
     seconds = time.time() - start
     log(

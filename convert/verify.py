@@ -114,6 +114,9 @@ def verify_parity(
     Returns a `ParityResult`; the caller decides what to do with ``ok``. Raises `ConvertError` when the two
     directories do not describe the same model or torch/transformers are missing.
     """
+    for name, value in (("batches", batches), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if value < 1:  # nothing would be compared, and the check would pass vacuously
+            raise ConvertError(f"{name}={value}: must be at least 1")
     _require_torch()
     import torch
 

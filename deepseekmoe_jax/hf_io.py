@@ -15,7 +15,8 @@ one tensor at a time. Safetensors data is read with positioned reads into a fres
 memory map: pages of a map stay counted in the process's resident memory until the whole file is unmapped, so a
 5 GB shard read through a map would show up as 5 GB of RSS. ``.bin`` files are opened with
 ``torch.load(mmap=True, weights_only=True)``; after a tensor has been copied out, its pages are released with
-``madvise(MADV_DONTNEED)`` for the same reason.
+``madvise(MADV_DONTNEED)`` for the same reason. Legacy (pre-zip) ``.bin`` files cannot be mapped: each is loaded
+whole while its tensors are read and dropped when reading moves on to another, so at most one is held.
 
 Every problem is reported as `HFCheckpointError` with one line naming the file, the key, what was expected and
 what was found, and what to do.
@@ -69,7 +70,10 @@ _SAFETENSORS_ITEMSIZE = {
     "C64": 8,
 }
 _NUMPY_TO_SAFETENSORS = {v: k for k, v in READABLE_SAFETENSORS_DTYPES.items()}
-_TORCH_READABLE = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# torch dtype names ("bfloat16", ...; numpy's names for the same types) -> safetensors codes.
+_TORCH_READABLE = {dt.name: code for code, dt in READABLE_SAFETENSORS_DTYPES.items()}
+# Largest safetensors shard written by default: "5GB", the size HF's save_pretrained uses.
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
@@ -201,6 +205,10 @@ class SafetensorsFile:
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
             raise self._fail(f"header entry {key!r} lacks dtype/shape/data_offsets; the file is corrupt")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str):
+            raise self._fail(
+                f"header entry {key!r} has an invalid dtype {dtype!r}; the file is corrupt: re-download it"
+            )
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise self._fail(f"header entry {key!r} has an invalid shape {shape!r}; the file is corrupt")
         if not (
@@ -256,6 +264,18 @@ def unreadable_dtype_error(info: TensorInfo, path: str) -> HFCheckpointError:
 
 
 # ----------------------------------------------------------------------------------------------- torch .bin
+def torch_to_numpy(t) -> np.ndarray:
+    """A CPU numpy view of torch tensor ``t`` (shape and values unchanged; bfloat16 becomes ml_dtypes' bfloat16,
+    reinterpreting the same bits, since numpy has no bfloat16 of its own). Shares memory with ``t`` when it is
+    already on the CPU."""
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
 def _libc_madvise():
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -271,7 +291,12 @@ _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 
 
 class TorchBinFile:
-    """A ``pytorch_model*.bin`` file opened lazily with ``torch.load(mmap=True, weights_only=True)``."""
+    """A ``pytorch_model*.bin`` file opened lazily with ``torch.load(mmap=True, weights_only=True)``.
+
+    A legacy (pre-zip) ``torch.save`` file cannot be mapped and is read whole; ``mapped`` is then False. Such a
+    file's tensors are dropped again once it has been indexed (`unload`) and read back whole on the first `read`,
+    so that a checkpoint of many legacy shards holds at most the shard being read (see `HFCheckpoint.read`).
+    """
 
     def __init__(self, path: str, display_name: str | None = None):
         self.path = path
@@ -284,33 +309,54 @@ class TorchBinFile:
                 f"{path}: reading pytorch_model*.bin needs PyTorch (pip install torch; the CPU build is enough)"
             ) from None
         self._torch = torch
-        try:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as e:
-            if "mmap can only be used" not in str(e):
+        state = self._load()
+        self.tensors: dict[str, TensorInfo] = {}
+        for key, t in state.items():
+            name = str(t.dtype).removeprefix("torch.")
+            code = _TORCH_READABLE.get(name, name)
+            self.tensors[key] = TensorInfo(key, self.name, tuple(t.shape), code, t.numel() * t.element_size())
+        self._state: dict | None = state
+        if not self.mapped:
+            self.unload()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the file's tensors are held (always, for a mapped file: its pages are loaded on demand)."""
+        return self._state is not None
+
+    def _load(self) -> dict:
+        """The file's state dict (mapped where the format allows); every value checked to be a tensor."""
+        torch, path = self._torch, self.path
+        state = None
+        if self.mapped:
+            try:
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as e:
+                if "mmap can only be used" not in str(e):
+                    raise self._corrupt(e) from None
+                self.mapped = False
+            except Exception as e:  # noqa: BLE001 (any failure of the unpickler means the file is unusable)
                 raise self._corrupt(e) from None
-            # A legacy (pre-zip) torch.save file cannot be mapped; it is read whole.
-            self.mapped = False
+        if state is None:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e2:  # noqa: BLE001 (any failure of the unpickler means the file is unusable)
-                raise self._corrupt(e2) from None
-        except Exception as e:  # noqa: BLE001
-            raise self._corrupt(e) from None
+            except Exception as e:  # noqa: BLE001
+                raise self._corrupt(e) from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise HFCheckpointError(
                 f"{path}: holds a {type(state).__name__}, not a state dict of tensors; save the model's state_dict()"
             )
-        self._state = state
-        self.tensors: dict[str, TensorInfo] = {}
         for key, t in state.items():
             if not isinstance(t, torch.Tensor):
                 raise HFCheckpointError(f"{path}: entry {key!r} is a {type(t).__name__}, not a tensor")
-            name = str(t.dtype).removeprefix("torch.")
-            code = _TORCH_READABLE.get(name, name)
-            self.tensors[key] = TensorInfo(key, self.name, tuple(t.shape), code, t.numel() * t.element_size())
+        return state
+
+    def unload(self) -> None:
+        """Drop the tensors of an unmapped (legacy) file; the next `read` loads them again. No-op when mapped."""
+        if not self.mapped:
+            self._state = None
 
     def _corrupt(self, e: BaseException) -> HFCheckpointError:
         text = str(e).strip()
@@ -326,14 +372,17 @@ class TorchBinFile:
         info = self.tensors[key]
         if not info.readable:
             raise unreadable_dtype_error(info, self.path)
-        torch = self._torch
-        full = self._state[key]
+        if self._state is None:
+            self._state = self._load()
+        full = self._state.get(key)
+        if full is None or tuple(full.shape) != info.shape:
+            raise HFCheckpointError(
+                f"{self.path}: tensor {key!r} is no longer as first read ({info.shape}); the file changed during "
+                "the conversion: rerun it on a stable copy"
+            )
         t = full if rows is None else full[rows[0] : rows[1]]
         try:
-            if t.dtype == torch.bfloat16:
-                arr = np.array(t.contiguous().view(torch.int16).numpy()).view(ml_dtypes.bfloat16)
-            else:
-                arr = np.array(t.contiguous().numpy())
+            arr = np.array(torch_to_numpy(t.contiguous()))
         except RuntimeError as e:  # data beyond a truncated archive surfaces here
             raise self._corrupt(e) from None
         if self.mapped and (rows is None or rows[1] == info.shape[0]):
@@ -355,7 +404,7 @@ class TorchBinFile:
             _MADVISE(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
     def close(self) -> None:
-        self._state = {}
+        self._state = None
 
 
 # ----------------------------------------------------------------------------------------------- directory
@@ -447,7 +496,13 @@ class HFCheckpoint:
     def read(self, key: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """Tensor ``key`` as a numpy array in its stored dtype (bfloat16 as ``ml_dtypes.bfloat16``); with
         ``rows=(start, stop)`` only that range of its first dimension."""
-        return self._readers[self.tensors[key].file].read(key, rows)
+        reader = self._readers[self.tensors[key].file]
+        if isinstance(reader, TorchBinFile) and not reader.mapped and not reader.loaded:
+            # An unmapped .bin shard is held whole while read: drop any other so that at most one is in memory.
+            for other in self._readers.values():
+                if other is not reader and isinstance(other, TorchBinFile):
+                    other.unload()
+        return reader.read(key, rows)
 
     def close(self) -> None:
         for r in self._readers.values():
@@ -465,8 +520,12 @@ def _read_index(directory: str, name: str) -> tuple[list[str], dict[str, str]]:
     try:
         with open(path, encoding="utf-8") as f:
             index = json.load(f)
+    except UnicodeDecodeError:
+        raise HFCheckpointError(f"{path}: not valid UTF-8 text, so not a JSON index; re-download it") from None
     except json.JSONDecodeError as e:
         raise HFCheckpointError(f"{path}: not valid JSON ({e}); re-download it") from None
+    except OSError as e:
+        raise HFCheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise HFCheckpointError(f"{path}: no 'weight_map' object (key -> shard file); re-download it")
@@ -615,7 +674,7 @@ def write_index(directory: str, shards: Sequence[Sequence[PlannedTensor]], names
 def save_safetensors_sharded(
     directory: str,
     tensors: Iterable[tuple[str, np.ndarray]],
-    max_shard_bytes: int = 5 * 10**9,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> list[str]:
     """Write an in-memory iterable of ``(key, array)`` as HF safetensors shards (+ index when more than one).
 
@@ -648,9 +707,14 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         raise ValueError(f"cannot parse size {text!r}; use e.g. 5GB, 500MB or 2GiB") from None
+    if not math.isfinite(value) or not math.isfinite(value * mult):
+        raise ValueError(f"size {text!r} is not a finite number of bytes; use e.g. 5GB, 500MB or 2GiB")
     if value <= 0:
         raise ValueError(f"size {text!r} must be positive")
-    return int(value * mult)
+    size = int(value * mult)
+    if size < 1:
+        raise ValueError(f"size {text!r} is less than one byte; use e.g. 5GB, 500MB or 2GiB")
+    return size
 
 
 def iter_file_order(ckpt: HFCheckpoint, keys: Iterable[str]) -> Iterator[str]:

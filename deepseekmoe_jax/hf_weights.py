@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseekmoe_jax.config import DeepseekConfig
+from deepseekmoe_jax.hf_io import torch_to_numpy
 from deepseekmoe_jax.model import MOE, layer_kinds, locate_layer
 
 GLOBAL, LAYER, DENSE_ONLY, MOE_ONLY = "global", "layer", "dense", "moe"
@@ -239,15 +240,8 @@ def get_variable(model: Any, path: tuple[str | int, ...]):
 def _to_numpy(x) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
-    if hasattr(x, "detach"):  # torch tensor; bfloat16 goes through float32 -> ml_dtypes bfloat16 exactly
-        import torch
-
-        t = x.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            import ml_dtypes
-
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
+    if hasattr(x, "detach"):  # a torch tensor
+        return torch_to_numpy(x)
     return np.asarray(x)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -216,6 +217,43 @@ def test_jax_to_hf_dtype_override(variants, tmp_path):
     assert main(["jax-to-hf", v.jax_dir, out, "--dtype", "float32", "--no-progress"]) == 0
     original, back = load_hf_tensors(v.hf_dir), load_hf_tensors(out)
     assert all(back[k].dtype == torch.float32 and torch.equal(back[k], original[k].float()) for k in original)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["torch_dtype"] == "float32"  # the dtype the tensors are stored in, not the source's
+
+
+def test_config_records_the_stored_dtype(variants, tmp_path):
+    """Converting a bfloat16 checkpoint to float32 (either direction) writes config.json with ``torch_dtype`` (and
+    the newer ``dtype`` key where the source has it) naming float32, the dtype of the written parameters."""
+    import orbax.checkpoint as ocp
+
+    v = variants["moe_bf16"]
+    src = shutil.copytree(v.hf_dir, str(tmp_path / "hf"))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["torch_dtype"] == "bfloat16"
+    cfg["dtype"] = "bfloat16"
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    wide = str(tmp_path / "jax32")
+    assert main(["hf-to-jax", src, wide, "--dtype", "float32", "--no-progress"]) == 0
+    with open(os.path.join(wide, "config.json")) as f:
+        written = json.load(f)
+    assert written["torch_dtype"] == "float32" and written["dtype"] == "float32"
+    params = ocp.StandardCheckpointer().restore(os.path.join(wide, PARAMS_DIR))
+    assert {np.dtype(x.dtype) for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+    back = str(tmp_path / "back32")  # no --dtype: written as stored (float32), and config.json says so
+    assert main(["jax-to-hf", wide, back, "--no-progress"]) == 0
+    with open(os.path.join(back, "config.json")) as f:
+        written = json.load(f)
+    assert written["torch_dtype"] == "float32" and written["dtype"] == "float32"
+    assert {t.dtype for t in load_hf_tensors(back).values()} == {torch.float32}
+    narrow = str(tmp_path / "back16")
+    assert main(["jax-to-hf", wide, narrow, "--dtype", "bfloat16", "--no-progress"]) == 0
+    with open(os.path.join(narrow, "config.json")) as f:
+        written = json.load(f)
+    assert written["torch_dtype"] == "bfloat16" and written["dtype"] == "bfloat16"
+    original = load_hf_tensors(v.hf_dir)
+    assert all(same_bits(original[k], t) for k, t in load_hf_tensors(narrow).items())
 
 
 def test_training_checkpoint_to_hf(tmp_path, capsys):
@@ -337,3 +375,47 @@ def test_cli_help_lists_commands_and_examples(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "example" in capsys.readouterr().out
+
+
+def test_legacy_bin_shards_are_held_one_at_a_time(variants, tmp_path, monkeypatch):
+    """Sharded .bin files in the legacy (pre-zip, not mappable) torch.save format convert to exactly the same
+    parameters as the zip format, and at most one such shard is held in memory at any time."""
+    import orbax.checkpoint as ocp
+
+    from deepseekmoe_jax import hf_io
+
+    v = variants["gqa_freq2"]
+    legacy = shutil.copytree(v.hf_dir, str(tmp_path / "hf"))
+    shards = sorted(f for f in os.listdir(legacy) if f.endswith(".bin"))
+    assert len(shards) == 3
+    for name in shards:
+        path = os.path.join(legacy, name)
+        tensors = torch.load(path, weights_only=True)
+        torch.save(tensors, path, _use_new_zipfile_serialization=False)
+
+    held = []
+    read = hf_io.TorchBinFile.read
+
+    def counting_read(self, key, rows=None):
+        out = read(self, key, rows)
+        held.append(sum(r.loaded for r in opened[-1]._readers.values()))
+        return out
+
+    opened = []
+    open_ckpt = hf_io.HFCheckpoint.open.__func__
+
+    def recording_open(cls, directory):
+        ckpt = open_ckpt(cls, directory)
+        assert all(not r.mapped and not r.loaded for r in ckpt._readers.values())  # indexed, then let go
+        opened.append(ckpt)
+        return ckpt
+
+    monkeypatch.setattr(hf_io.TorchBinFile, "read", counting_read)
+    monkeypatch.setattr(hf_io.HFCheckpoint, "open", classmethod(recording_open))
+    out = str(tmp_path / "jax")
+    assert main(["hf-to-jax", legacy, out, "--no-progress"]) == 0
+    assert len(held) == len(opened[0].tensors) and max(held) == 1
+    a = ocp.StandardCheckpointer().restore(os.path.join(out, PARAMS_DIR))
+    b = ocp.StandardCheckpointer().restore(os.path.join(v.jax_dir, PARAMS_DIR))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)

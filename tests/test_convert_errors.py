@@ -512,3 +512,41 @@ def test_jax_to_hf_missing_chunk_file(hf, tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"{name} is missing its chunk file {lost}" in err, err
     assert leftovers(str(tmp_path), "out") == []
+
+
+# ----------------------------------------------------------------------------------------------- malformed metadata
+def test_index_not_utf8(hf, capsys):
+    with open(os.path.join(hf, "model.safetensors.index.json"), "wb") as f:
+        f.write(b'{"weight_map": {"\xff\xfe": 1}}')
+    msg = convert_fails(capsys, hf)
+    assert "model.safetensors.index.json" in msg and "UTF-8" in msg and "re-download" in msg
+
+
+@pytest.mark.parametrize("bad", [["F32"], 4, None])
+def test_header_dtype_not_a_string(hf, capsys, bad):
+    key = key_in_shard(hf, 2)
+
+    def edit(header):
+        header[key]["dtype"] = bad
+
+    rewrite_header(shard(hf, 2), edit)
+    msg = convert_fails(capsys, hf)
+    assert "model-00002-of-00003.safetensors" in msg and repr(key) in msg and "invalid dtype" in msg
+
+
+@pytest.mark.parametrize("size", ["inf", "1e400GB", "nan", "-inf", "0.4B", "0", "-5MB"])
+def test_jax_to_hf_unusable_shard_size(jax_dir, tmp_path, capsys, size):
+    assert main(["jax-to-hf", jax_dir, str(tmp_path / "out"), f"--max-shard-size={size}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "--max-shard-size" in lines[0] and repr(size) in lines[0], err
+    assert "Traceback" not in err and leftovers(str(tmp_path), "out") == []
+
+
+@pytest.mark.parametrize("flag", ["--batches", "--batch-size", "--seq-len"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_verify_rejects_empty_comparisons(hf, jax_dir, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(["verify", hf, jax_dir, flag, value])
+    err = capsys.readouterr()
+    assert e.value.code == 2 and flag in err.err and "at least 1" in err.err and "PASS" not in err.out
