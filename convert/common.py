@@ -8,11 +8,11 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 
 import numpy as np
 
+from deepseekmoe_jax.checkpoint import make_staging_dir, publish_directory
 from deepseekmoe_jax.config import DeepseekConfig
 
 DTYPE_CHOICES = ("bfloat16", "float32", "float16")
@@ -126,51 +126,20 @@ def staging_dir(out_dir: str, *, overwrite: bool, inputs: tuple[str, ...] = ()) 
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
         raise ConvertError(f"{parent}: cannot create the output's parent directory ({e.strerror})") from None
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private mode would otherwise become the output's
+    tmp = make_staging_dir(out_dir)
     try:
         yield tmp
         fsync_tree(tmp)
-        if os.path.lexists(out_dir):
-            _swap_in(tmp, out_dir)
-        else:
-            os.replace(tmp, out_dir)
+        publish_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _swap_in(tmp: str, out_dir: str) -> None:
-    """Replace the existing ``out_dir`` by ``tmp`` with two renames (a directory cannot be renamed over a non-empty
-    one). If the second rename fails, the previous ``out_dir`` is moved back before the error is re-raised."""
-    parent = os.path.dirname(out_dir)
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-    previous = os.path.join(old, "previous")
-    try:
-        os.replace(out_dir, previous)
-    except BaseException:
-        os.rmdir(old)
-        raise
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException as e:
-        try:
-            os.replace(previous, out_dir)
-        except OSError as restore_error:
-            raise ConvertError(
-                f"{out_dir}: could not be replaced ({e}) nor restored ({restore_error.strerror or restore_error}); "
-                f"its previous contents are kept in {previous}: move them back by hand"
-            ) from e
-        os.rmdir(old)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def fsync_tree(directory: str) -> None:
     """Flush every file and directory under ``directory`` to disk, so that the rename that publishes the output
-    never exposes data still sitting in the page cache (the array writers skip per-chunk syncs for speed)."""
+    never exposes data still sitting in the page cache. Parameter chunks are already synced as they are written
+    (then this costs one cheap ``fsync`` each); safetensors shards, config and tokenizer files are not."""
     for root, _dirs, files in os.walk(directory):
         for name in files:
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
