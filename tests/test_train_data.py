@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from deepseekmoe_jax import distributed
 from deepseekmoe_jax.sharding import make_mesh
 from deepseekmoe_jax.train import DataError, run_config_from_dict
 from deepseekmoe_jax.train import loop as loop_lib
@@ -119,7 +120,7 @@ def small_stdlib(tmp_path, monkeypatch):
         (src / name).write_text(f"# {name}\n" + "x = 1\n" * 50)
     monkeypatch.setattr(loop_lib, "stdlib_sources", lambda: sorted(str(p) for p in src.iterdir()))
     barriers = []
-    monkeypatch.setattr(loop_lib, "_sync", barriers.append)
+    monkeypatch.setattr(distributed, "barrier", barriers.append)
     raw = {
         "model": {"vocab_size": 512},
         "train": {"run_dir": str(tmp_path / "run")},

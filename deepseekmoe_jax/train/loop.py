@@ -27,6 +27,7 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from deepseekmoe_jax import distributed
 from deepseekmoe_jax import sharding as sh
 from deepseekmoe_jax.checkpoint import CONFIG_FILE, read_config, write_config_files
 from deepseekmoe_jax.config import ConfigError
@@ -127,17 +128,17 @@ def resolve_dataset(run: RunConfig, log: Callable[[str], None]) -> TokenDataset:
     # Process 0 prepares the corpus if it is missing; every process then meets at the same barrier, whatever it
     # found on disk, so that none starts reading before the files are complete and none waits alone.
     failure = None
-    if jax.process_index() == 0 and not os.path.isfile(os.path.join(target, DATASET_FILE)):
+    if distributed.is_main_process() and not os.path.isfile(os.path.join(target, DATASET_FILE)):
         try:
             files = stdlib_sources()
             log(
                 f"preparing the built-in corpus: {len(files)} Python standard library files from "
-                f"{os.path.dirname(files[0])} -> {shown(target)} (byte-level tokenizer)"
+                f"{os.path.dirname(files[0])} -> {display_path(target)} (byte-level tokenizer)"
             )
             prepare(files, target, ByteTokenizer(), val_fraction=d.val_fraction, progress=False)
         except Exception as e:  # raised after the barrier, so the other processes do not wait forever
             failure = e
-    _sync("built-in corpus prepared")
+    distributed.barrier("built-in corpus prepared")
     if failure is not None:
         raise failure
     if not os.path.isfile(os.path.join(target, DATASET_FILE)):
@@ -149,17 +150,10 @@ def resolve_dataset(run: RunConfig, log: Callable[[str], None]) -> TokenDataset:
     return TokenDataset(target)
 
 
-def shown(path: str) -> str:
+def display_path(path: str) -> str:
     """``path`` as printed to the user: relative to the working directory when it lies inside it."""
     rel = os.path.relpath(path)
     return path if rel.startswith("..") else rel
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def prepare_run_dir(run: RunConfig, dataset: TokenDataset, resuming: bool) -> None:
@@ -181,8 +175,8 @@ def prepare_run_dir(run: RunConfig, dataset: TokenDataset, resuming: bool) -> No
                 "or restore the original model settings to resume"
             )
     # Every process has read the old config before process 0 replaces it.
-    _sync("run directory checked")
-    if jax.process_index() != 0:
+    distributed.barrier("run directory checked")
+    if not distributed.is_main_process():
         return
     os.makedirs(run_dir, exist_ok=True)
     extra = {
@@ -330,7 +324,7 @@ def plan_state(run: RunConfig, mesh, rules) -> StateLayout:
     param_sh = nnx.to_pure_dict(sh.param_shardings(abstract_params_state, rules, mesh))
     abstract_params = _abstract(nnx.to_pure_dict(abstract_params_state), param_sh)
     optimizer = make_optimizer(run.train, decay_mask(abstract_params_state))
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = sh.replicated(mesh)
     with sh.use_mesh(mesh, rules):
         init_opt = jax.jit(optimizer.init).lower(abstract_params).compile()
     opt_sh = init_opt.output_shardings
@@ -410,7 +404,7 @@ def data_sources(run: RunConfig, say) -> tuple[TokenDataset, BatchSource, BatchS
                 "(val split empty or too short); evaluation is off"
             )
     say(
-        f"data: {shown(dataset.directory)}: train {train_split.num_tokens:,} tokens "
+        f"data: {display_path(dataset.directory)}: train {train_split.num_tokens:,} tokens "
         f"({train_split.documents} documents, "
         f"{train_src.num_windows:,} sequences of {s.seq_len})"
         + (f", held-out {eval_src.split.num_tokens:,} tokens" if eval_src else "")
@@ -427,7 +421,7 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
     """
     run = dataclasses.replace(run, train=dataclasses.replace(run.train, run_dir=os.path.abspath(run.train.run_dir)))
     s, config, run_dir = run.train, run.model, run.train.run_dir
-    is_main = jax.process_index() == 0
+    is_main = distributed.is_main_process()
     say = log if is_main else (lambda _msg: None)
     if s.compilation_cache:
         enable_compilation_cache(s.compilation_cache)
@@ -461,7 +455,7 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
     if peak is None:
         say(f"MFU: not reported ({peak_source})")
     say(
-        f"run: {shown(run_dir)} | steps {s.steps} | batch {s.batch_size} x {s.seq_len} tokens"
+        f"run: {display_path(run_dir)} | steps {s.steps} | batch {s.batch_size} x {s.seq_len} tokens"
         f"{f' in {s.grad_accum} micro-batches' if s.grad_accum > 1 else ''} | lr {s.learning_rate:g} "
         f"({s.schedule}, warmup {s.warmup_steps})"
     )
