@@ -261,13 +261,17 @@ class StopVote:
         self.sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
         self.abstract = jax.ShapeDtypeStruct((self.size,), jnp.int32, sharding=self.sharding)
         self._recent: collections.deque = collections.deque(maxlen=2)
+        # The only two arrays a process ever passes, built once: a step then costs no host-to-device copy.
+        self._flags = tuple(self._build_flags(value) for value in (0, 1))
 
-    def flags(self, requested: bool) -> jax.Array:
-        """This process's request on each of its devices, as a global int32 array [devices]."""
-        value = np.int32(bool(requested))
+    def _build_flags(self, value: int) -> jax.Array:
         return jax.make_array_from_callback(
             (self.size,), self.sharding, lambda index: np.full(len(range(self.size)[index[0]]), value, np.int32)
         )
+
+    def flags(self, requested: bool) -> jax.Array:
+        """This process's request on each of its devices, as a global int32 array [devices]."""
+        return self._flags[int(bool(requested))]
 
     def record(self, any_requested: jax.Array) -> None:
         """Keep the step's output (a replicated scalar, still being computed)."""
