@@ -156,12 +156,9 @@ def display_path(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-def prepare_run_dir(run: RunConfig, dataset: TokenDataset, resuming: bool) -> None:
-    """Write the model config, the full run config and the tokenizer into the run directory.
-
-    An existing run directory with a different model (HF fields) is refused: resuming it would load
-    parameters of another shape, and overwriting it would lose it.
-    """
+def check_run_dir(run: RunConfig, resuming: bool) -> None:
+    """Refuse to resume a run directory that holds a different model (HF fields): its checkpoints hold parameters
+    of another shape, and overwriting its config would lose it."""
     run_dir = run.train.run_dir
     cfg_path = os.path.join(run_dir, CONFIG_FILE)
     if os.path.isfile(cfg_path):
@@ -174,6 +171,12 @@ def prepare_run_dir(run: RunConfig, dataset: TokenDataset, resuming: bool) -> No
                 f"{run_dir} holds checkpoints of a different model ({details}); use another train.run_dir "
                 "or restore the original model settings to resume"
             )
+
+
+def write_run_dir(run: RunConfig, dataset: TokenDataset) -> None:
+    """Write the model config, the full run config and the tokenizer into the run directory (process 0), once
+    the run has been checked and its state restored, so that a refused resume leaves the directory as it was."""
+    run_dir = run.train.run_dir
     # Every process has read the old config before process 0 replaces it.
     distributed.barrier("run directory checked")
     if not distributed.is_main_process():
@@ -214,6 +217,23 @@ def check_settings(run: RunConfig, mesh, micro_sharding: NamedSharding) -> None:
             f"the micro-batch of {s.micro_batch_size} sequences (train.batch_size={s.batch_size} / "
             f"train.grad_accum={s.grad_accum}) cannot be split over the {shards} batch shards of the mesh "
             f"{dict(mesh.shape)}; make it a multiple of {shards}"
+        )
+
+
+def check_resume(run: RunConfig, train_state: dict[str, Any], step_dir: str) -> None:
+    """Refuse to resume the checkpoint in ``step_dir`` (its JSON ``train_state``) with another ``train.seed`` or
+    ``train.seq_len``: its data position counts sequences of the order those two define, so either change would
+    silently feed other data than the run was trained on (and a different seq_len another number of tokens)."""
+    changed = [
+        (f"train.{key}", train_state[key], getattr(run.train, key))
+        for key in ("seed", "seq_len")
+        if train_state[key] != getattr(run.train, key)
+    ]
+    if changed:
+        details = ", ".join(f"{name}: {old!r} in the checkpoint, {new!r} now" for name, old, new in changed)
+        raise TrainError(
+            f"cannot resume from {step_dir}: {details}. The data order and position depend on them; restore the "
+            "original values to resume, or start a new train.run_dir (with train.init_from to keep the parameters)"
         )
 
 
@@ -440,10 +460,14 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
     dataset, train_src, eval_src = data_sources(run, say)
 
     checkpointer = RunCheckpointer(run_dir, keep=s.keep_checkpoints, async_save=s.async_checkpointing)
-    prepare_run_dir(run, dataset, resuming=checkpointer.latest_step() is not None)
+    latest = checkpointer.latest_step()
+    if latest is not None:  # before anything in the run directory is rewritten
+        check_resume(run, checkpointer.read_train_state(latest), checkpointer.step_dir(latest))
+    check_run_dir(run, resuming=latest is not None)
     layout = plan_state(run, mesh, rules)
     with sh.use_mesh(mesh, rules):
         state, position = start_state(run, layout, checkpointer, mesh, rules, say)
+    write_run_dir(run, dataset)
     start_step = int(state.step)
 
     fpt = flops_lib.training_flops_per_token(config, s.seq_len)
@@ -533,7 +557,12 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
 
     def save(step_now: int) -> None:
         check_finite(step_now)
-        host_state = {"data_position": position, "tokens_seen": position * s.seq_len, "seed": s.seed}
+        host_state = {
+            "data_position": position,
+            "tokens_seen": position * s.seq_len,
+            "seed": s.seed,
+            "seq_len": s.seq_len,
+        }
         checkpointer.save(state, host_state)
 
     last_record: dict[str, Any] = {}
