@@ -541,8 +541,9 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
         logger.message(f"eval   step {step:>6} | loss {loss:.4f} | perplexity {rec['eval_perplexity']:.2f}")
         return rec
 
-    def check_finite(step_now: int) -> None:
-        bad = int(state.bad_step)
+    def check_finite(step_now: int, bad: int | None = None) -> None:
+        """Raise `NonFiniteLoss` if a step went bad; ``bad`` is ``state.bad_step`` when already on the host."""
+        bad = int(state.bad_step) if bad is None else int(bad)
         if bad >= 0:
             last = checkpointer.latest_step()
             where = checkpointer.step_dir(last) if last is not None else None
@@ -591,12 +592,14 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
                 step += 1
                 logger.advance(1)
                 if step % s.log_every == 0 or step == s.steps:
-                    check_finite(step)
+                    # One transfer (one wait for the step) for both the finiteness flag and the metrics.
+                    bad, host_metrics = jax.device_get((state.bad_step, metrics))
+                    check_finite(step, bad)
                     now = time.perf_counter()
                     tps = (step - step_mark) * s.batch_size * s.seq_len / max(now - t_mark, 1e-9)
                     t_mark, step_mark = now, step
                     rec = {"step": step}
-                    for k, v in jax.device_get(metrics).items():
+                    for k, v in host_metrics.items():
                         rec[k] = np.asarray(v).tolist() if np.ndim(v) else float(v)
                     rec.update(
                         tokens_per_second=tps,
