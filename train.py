@@ -101,11 +101,6 @@ def _devices() -> str:
     )
 
 
-def _display_path(path: str) -> str:
-    rel = os.path.relpath(path)
-    return rel if not rel.startswith("..") else path
-
-
 def run_prepare(argv) -> int:
     args = _prepare_parser().parse_args(argv)
     from deepseekmoe_jax.train.data import DataError, prepare
@@ -150,6 +145,7 @@ def run_train(argv) -> int:
     from deepseekmoe_jax.config import ConfigError, parse_value
     from deepseekmoe_jax.sharding import ShardingError
     from deepseekmoe_jax.train import EXIT_TERMINATED, DataError, NonFiniteLoss, TrainError, load_run_config, train
+    from deepseekmoe_jax.train.loop import display_path
     from deepseekmoe_jax.train.tokenizer import TokenizerError
 
     overrides = {}
@@ -168,14 +164,12 @@ def run_train(argv) -> int:
         if value is not None:
             overrides[key] = value
 
-    import jax
-
-    say = print if jax.process_index() == 0 else (lambda *_a, **_k: None)  # errors still print on every process
+    say = print if distributed.is_main_process() else (lambda *_a, **_k: None)  # errors still print on every process
     say(_versions())
     say(_devices())
     try:
         run = load_run_config(args.config, overrides)
-        say(f"config: {_display_path(args.config)}" + (f" with {overrides}" if overrides else ""))
+        say(f"config: {display_path(args.config)}" + (f" with {overrides}" if overrides else ""))
         result = train(run, progress=not args.no_progress)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
@@ -185,7 +179,7 @@ def run_train(argv) -> int:
         return 2
 
     if result.checkpoint:
-        ckpt = _display_path(result.checkpoint)
+        ckpt = display_path(result.checkpoint)
         say(f"checkpoint: {ckpt}")
         say("sample from it:")
         say(

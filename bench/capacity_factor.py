@@ -32,6 +32,9 @@ from deepseekmoe_jax.config import parse_value  # noqa: E402
 from deepseekmoe_jax.train import load_run_config, train  # noqa: E402
 from deepseekmoe_jax.train.metrics import read_jsonl  # noqa: E402
 
+LOG_EVERY = 5
+MIN_STEPS = 2 * LOG_EVERY  # two logged steps, one of them in the second half of the run
+
 
 def parse_factors(text: str) -> list[float | None]:
     out = []
@@ -50,7 +53,7 @@ def run_one(config: str, factor: float | None, steps: int, work_dir: str, overri
         "options.capacity_factor_train": factor,
         "train.steps": steps,
         "train.run_dir": run_dir,
-        "train.log_every": 5,
+        "train.log_every": LOG_EVERY,
         "train.eval_every": 0,
         "train.checkpoint_every": steps,
         "train.keep_checkpoints": 1,
@@ -178,6 +181,9 @@ def main(argv=None) -> int:
     p.add_argument("--timing-only", action="store_true", help="skip the training runs, only time the steps")
     p.add_argument("--markdown", help="also write the table with its setup to this file")
     args = p.parse_args(argv)
+    if not args.timing_only and args.steps < MIN_STEPS:
+        # Metrics are logged every LOG_EVERY steps: fewer steps leave no logged step to average over.
+        p.error(f"--steps {args.steps}: the training runs need at least {MIN_STEPS} steps (or pass --timing-only)")
     overrides = {}
     for item in args.overrides:
         k, _, v = item.partition("=")

@@ -179,13 +179,23 @@ def initialize(
         launch.num_processes if launch.num_processes is not None else "auto",
         launch.process_id if launch.process_id is not None else "auto",
     )
-    jax.distributed.initialize(
-        coordinator_address=launch.coordinator_address,
-        num_processes=launch.num_processes,
-        process_id=launch.process_id,
-        local_device_ids=local_device_ids,
-        initialization_timeout=timeout_s,
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=launch.coordinator_address,
+            num_processes=launch.num_processes,
+            process_id=launch.process_id,
+            local_device_ids=local_device_ids,
+            initialization_timeout=timeout_s,
+        )
+    except (RuntimeError, ValueError, OSError) as e:  # unreachable coordinator, timeout, failed cluster detection
+        raise DistributedError(
+            f"could not join the multi-process run ({launch.source} launch, coordinator "
+            f"{launch.coordinator_address or 'auto-detected'}, process "
+            f"{'auto' if launch.process_id is None else launch.process_id} of "
+            f"{'auto' if launch.num_processes is None else launch.num_processes}, timeout {timeout_s} s): "
+            f"{type(e).__name__}: {e}. Check that process 0 is running and that its address and port are "
+            "reachable from this host, and that every process was started with the same process count"
+        ) from e
     return launch
 
 
@@ -207,6 +217,17 @@ def process_count() -> int:
 def is_main_process() -> bool:
     """True on process 0, the one that writes logs and files shared by all."""
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process has reached the barrier ``name`` (the same name on all); a no-op for one process.
+
+    Use it where one process writes files that the others then read, or reads files that another will replace.
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def process_batch_slice(global_batch_size: int, sharding: jax.sharding.Sharding | None = None) -> slice:

@@ -365,6 +365,34 @@ def test_initialize_is_a_no_op_for_one_process_and_checks_its_inputs():
     assert distributed.process_batch_slice(6) == slice(0, 6)
 
 
+def test_a_failed_connection_names_the_launch(monkeypatch):
+    def unreachable(**kwargs):
+        raise RuntimeError("DEADLINE_EXCEEDED: Barrier timed out")
+
+    monkeypatch.setattr(jax.distributed, "initialize", unreachable)
+    monkeypatch.setattr(distributed, "_set_cpu_collectives", lambda: None)  # leave this process's config alone
+    env = {"JAX_COORDINATOR_ADDRESS": "10.1.2.3:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    with pytest.raises(distributed.DistributedError) as info:
+        distributed.initialize(environ=env, timeout_s=7)
+    message = str(info.value)
+    for part in ("JAX environment launch", "coordinator 10.1.2.3:1234", "process 1 of 2", "timeout 7 s"):
+        assert part in message
+    assert "DEADLINE_EXCEEDED" in message
+    assert not jax.distributed.is_initialized()
+
+
+def test_barrier_waits_only_with_several_processes(monkeypatch):
+    from jax.experimental import multihost_utils
+
+    calls = []
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", calls.append)
+    distributed.barrier("one process")
+    assert calls == []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    distributed.barrier("two processes")
+    assert calls == ["two processes"]
+
+
 # ----------------------------------------------------------------------------------------------- save / restore
 def test_save_on_one_mesh_restore_on_another(tmp_path):
     config = small_config(num_hidden_layers=2, first_k_dense_replace=0, options={"moe_group_size": 8})

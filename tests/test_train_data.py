@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from deepseekmoe_jax import distributed
 from deepseekmoe_jax.sharding import make_mesh
 from deepseekmoe_jax.train import DataError, run_config_from_dict
 from deepseekmoe_jax.train import loop as loop_lib
@@ -97,6 +98,32 @@ def test_token_ids_are_checked_in_every_batch(tampered):
     assert BatchSource(ds.split("train"), 16, 0, shuffle=False).rows(4, 1)[0, 6] == 400
 
 
+def test_ids_that_wrap_negative_in_int32_are_caught(tmp_path):
+    from deepseekmoe_jax.train.data import TokenSplit
+
+    tokens = np.arange(40, dtype="<u4") % 7
+    tokens[13] = 2**32 - 5  # -5 once converted to int32, so it passes a check of the maximum alone
+    split = TokenSplit("train", str(tmp_path / "train.bin"), tokens, documents=1, max_token_id=6)
+    src = BatchSource(split, seq_len=8, seed=0, shuffle=False, vocab_size=100)
+    assert src.checks_ids
+    np.testing.assert_array_equal(src.rows(0, 1)[0], tokens[:9])  # window 0 is clean
+    with pytest.raises(DataError, match=r"train\.bin: token id 4294967291 at position 13 \(sequence 1, window 1"):
+        src.rows(0, 2)
+    # Without the check, the row would have reached the model with a negative id.
+    assert BatchSource(split, 8, 0, shuffle=False).rows(1, 1).min() == -5
+
+
+def test_the_id_check_is_skipped_when_the_file_dtype_cannot_exceed_the_vocabulary(tmp_path):
+    from deepseekmoe_jax.train.data import TokenSplit
+
+    tokens = np.full(20, 65_535, dtype="<u2")
+    split = TokenSplit("train", str(tmp_path / "train.bin"), tokens, documents=1, max_token_id=65_535)
+    assert not BatchSource(split, 4, 0, shuffle=False, vocab_size=65_536).checks_ids
+    assert BatchSource(split, 4, 0, shuffle=False, vocab_size=65_535).checks_ids
+    with pytest.raises(DataError, match="token id 65535 at position 0"):
+        BatchSource(split, 4, 0, shuffle=False, vocab_size=65_535).rows(0, 1)
+
+
 def test_the_training_loop_checks_batches_against_the_model(tampered, tmp_path):
     raw = {
         "model": {"vocab_size": 300, "eos_token_id": 2},
@@ -119,7 +146,7 @@ def small_stdlib(tmp_path, monkeypatch):
         (src / name).write_text(f"# {name}\n" + "x = 1\n" * 50)
     monkeypatch.setattr(loop_lib, "stdlib_sources", lambda: sorted(str(p) for p in src.iterdir()))
     barriers = []
-    monkeypatch.setattr(loop_lib, "_sync", barriers.append)
+    monkeypatch.setattr(distributed, "barrier", barriers.append)
     raw = {
         "model": {"vocab_size": 512},
         "train": {"run_dir": str(tmp_path / "run")},

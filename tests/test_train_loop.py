@@ -334,6 +334,28 @@ def test_a_run_directory_of_another_model_is_refused(reference_run, workdir):
     assert load_checkpoint(result.checkpoint).config.hidden_size == 32
 
 
+def test_resuming_with_other_data_or_optimizer_settings_is_refused(reference_run):
+    from deepseekmoe_jax.checkpoint import CheckpointError
+
+    raw, result, _ = reference_run
+    saved = os.path.join(result.run_dir, "run_config.yaml")
+    before = (open(saved, encoding="utf-8").read(), sorted(os.listdir(os.path.join(result.run_dir, "checkpoints"))))
+    step_dir = re.escape(result.checkpoint)
+    cases = [
+        ({"seed": 1}, TrainError, rf"cannot resume from {step_dir}: train\.seed: 0 in the checkpoint, 1 now"),
+        ({"seq_len": 16}, TrainError, rf"{step_dir}: train\.seq_len: 32 in the checkpoint, 16 now"),
+        ({"grad_clip": 0.0}, CheckpointError, rf"{step_dir}: cannot restore the parameters and optimizer state"),
+    ]
+    for change, exc, match in cases:
+        cfg = copy.deepcopy(raw)
+        cfg["train"].update(change, steps=STEPS + 8)
+        with pytest.raises(exc, match=match):
+            train(run_config_from_dict(cfg), progress=False, log=lambda _m: None)
+        # Refused before anything was written: the run directory is as the reference run left it.
+        after = (open(saved, encoding="utf-8").read(), sorted(os.listdir(os.path.join(result.run_dir, "checkpoints"))))
+        assert after == before, change
+
+
 def test_cli_reports_bad_input_without_traceback(workdir, tmp_path, repo_root):
     root, cache = workdir
     raw = base_config(root / "data", tmp_path / "run", cache)

@@ -106,6 +106,20 @@ def test_settings_validation(repo_root):
         assert options.init_std == 0.006 and options.param_dtype == "float32", name
 
 
+def test_a_run_without_a_mesh_section_shards_over_every_device():
+    from deepseekmoe_jax.train.loop import build_mesh
+
+    run = run_config_from_dict({"model": {}})
+    mesh = build_mesh(run.mesh)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": jax.device_count(), "expert": 1, "tensor": 1}
+    assert jax.device_count() == 8
+    # Inside a section, a missing axis is 1 (as `sharding.mesh_from_config` reads it).
+    partial = run_config_from_dict({"model": {}, "mesh": {"data": -1}})
+    assert dict(build_mesh(partial.mesh).shape) == {"data": 8, "fsdp": 1, "expert": 1, "tensor": 1}
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['expert_parallel'\] in 'mesh'"):
+        run_config_from_dict({"model": {}, "mesh": {"expert_parallel": 2}})
+
+
 def test_fresh_parameters_follow_the_papers_init_std(repo_root):
     """What the trainer initialises (sharded, seed train.seed): every weight matrix is N(0, init_std) with
     init_std = 0.006 from the 16B preset's options, drawn independently; RMSNorm weights start at one."""

@@ -194,3 +194,21 @@ def test_bfloat16_compute_keeps_float32_master_weights(setup):
     # The first Adam update moves each float32 master weight by about the learning rate (3e-3).
     delta = np.abs(np.asarray(new16.params["lm_head"]) - np.asarray(setup.params["lm_head"]))
     assert 1e-3 < np.median(delta) < 6e-3
+
+
+def test_stop_vote_flags_are_built_once_and_carry_the_request():
+    from deepseekmoe_jax.sharding import make_mesh
+    from deepseekmoe_jax.train.loop import StopVote, with_stop_vote
+
+    mesh = make_mesh(data=2, fsdp=4)
+    vote = StopVote(mesh)
+    assert vote.flags(False) is vote.flags(False) and vote.flags(True) is vote.flags(True)
+    assert vote.flags(True).sharding == vote.sharding and vote.flags(True).shape == (8,)
+    np.testing.assert_array_equal(np.asarray(vote.flags(False)), np.zeros(8, np.int32))
+    np.testing.assert_array_equal(np.asarray(vote.flags(True)), np.ones(8, np.int32))
+    step = jax.jit(with_stop_vote(lambda state, batch: (state + batch, batch)))
+    for requested in (False, True, False):
+        state, _, any_stop = step(jnp.float32(0), jnp.float32(1), vote.flags(requested))
+        vote.record(any_stop)
+    # The decision lags one dispatched step: after (no, yes, no) it reports the middle step's request.
+    assert vote.agreed()

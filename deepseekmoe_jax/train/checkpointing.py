@@ -7,7 +7,7 @@ Layout of a run directory::
       checkpoints/<step>/
         params/          the parameters as a pure dict (loadable alone by `deepseekmoe_jax.checkpoint.load_checkpoint`)
         opt_state/       the optax state
-        train_state/     JSON: step, data position, RNG key data, tokens seen
+        train_state/     JSON: step, data position, RNG key data, tokens seen, seed and sequence length
 
 Saves are asynchronous (device arrays are copied to host memory, then written by a background thread while
 training continues); only the newest ``keep`` checkpoints are kept. A step directory appears under its final
@@ -23,9 +23,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from deepseekmoe_jax.checkpoint import CheckpointError
 from deepseekmoe_jax.train.step import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
+# What every training checkpoint's train_state holds (`RunCheckpointer.save` adds step and rng to the host state).
+TRAIN_STATE_KEYS = ("step", "rng", "data_position", "seed", "seq_len")
+_MAX_CAUSE_CHARS = 600  # Orbax errors can print whole trees; enough of one to see what did not match
 
 
 _SERIAL_REPLICAS = False
@@ -90,16 +94,55 @@ class RunCheckpointer:
         )
         return bool(self.manager.save(step, args=args, force=True))
 
-    def restore(self, step: int, abstract: TrainState) -> tuple[TrainState, dict[str, Any]]:
-        """Restore step ``step`` onto the shardings of ``abstract`` (a `TrainState` of `jax.ShapeDtypeStruct`)."""
+    def _unreadable(self, step: int, what: str, error: BaseException, hint: str) -> CheckpointError:
+        cause = f"{type(error).__name__}: {error}"
+        if len(cause) > _MAX_CAUSE_CHARS:
+            cause = cause[:_MAX_CAUSE_CHARS] + " ..."
+        return CheckpointError(f"{self.step_dir(step)}: cannot restore the {what} ({cause}); {hint}")
+
+    def read_train_state(self, step: int) -> dict[str, Any]:
+        """The JSON ``train_state`` of step ``step`` (no arrays are read); `CheckpointError` if it is unreadable or
+        lacks one of `TRAIN_STATE_KEYS`."""
         ocp = self._ocp
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(train_state=ocp.args.JsonRestore()))
+            meta = dict(out.train_state)
+        except Exception as e:  # Orbax raises many types for a damaged or foreign directory
+            raise self._unreadable(
+                step, "train_state", e, "the checkpoint is damaged or was not written by this training loop"
+            ) from e
+        missing = [k for k in TRAIN_STATE_KEYS if k not in meta]
+        if missing:
+            raise CheckpointError(
+                f"{self.step_dir(step)}: train_state lacks {missing} (has {sorted(meta)}); the checkpoint was not "
+                "written by this version of the training loop: use another train.run_dir, or fine-tune from its "
+                "parameters with train.init_from"
+            )
+        return meta
+
+    def restore(self, step: int, abstract: TrainState) -> tuple[TrainState, dict[str, Any]]:
+        """Restore step ``step`` onto the shardings of ``abstract`` (a `TrainState` of `jax.ShapeDtypeStruct`).
+
+        Raises `CheckpointError` naming the step directory when the saved state does not match ``abstract``
+        (e.g. after changing the model or optimizer settings) or its train_state is incomplete.
+        """
+        ocp = self._ocp
+        meta = self.read_train_state(step)
         args = ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract.params),
             opt_state=ocp.args.StandardRestore(abstract.opt_state),
-            train_state=ocp.args.JsonRestore(),
         )
-        out = self.manager.restore(step, args=args)
-        meta = dict(out.train_state)
+        try:
+            out = self.manager.restore(step, args=args)
+        except Exception as e:  # a tree or shape mismatch surfaces as ValueError, KeyError, TypeError, ...
+            raise self._unreadable(
+                step,
+                "parameters and optimizer state",
+                e,
+                "they do not match this run's model or optimizer (settings such as train.grad_clip change the "
+                "optimizer state's structure): restore the settings the run was started with, or use another "
+                "train.run_dir (train.init_from fine-tunes from the checkpoint's parameters alone)",
+            ) from e
         rng = np.asarray(meta["rng"], np.uint32)
         state = TrainState(
             step=jax.device_put(np.int32(meta["step"]), abstract.step.sharding),

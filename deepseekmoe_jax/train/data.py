@@ -193,6 +193,8 @@ class BatchSource:
     def __init__(self, split: TokenSplit, seq_len: int, seed: int, shuffle: bool = True, vocab_size: int | None = None):
         self.split, self.seq_len, self.seed, self.shuffle = split, seq_len, seed, shuffle
         self.vocab_size = vocab_size
+        # Ids of a file whose dtype cannot hold vocab_size - 1 or more (uint16 for a 100k vocabulary) always fit.
+        self.checks_ids = vocab_size is not None and int(np.iinfo(split.tokens.dtype).max) >= vocab_size
         self.num_windows = split.num_windows(seq_len)
         if self.num_windows == 0:
             raise DataError(
@@ -215,15 +217,18 @@ class BatchSource:
     def rows(self, first: int, count: int) -> np.ndarray:
         """Tokens of sequence numbers ``first .. first + count - 1``: int32 [count, seq_len + 1].
 
-        Raises `DataError` naming the file, the window and the token position if an id is >= ``vocab_size``.
+        Raises `DataError` naming the file, the window and the token position if an id is >= ``vocab_size``
+        (ids of 2**31 or more in a uint32 file turn negative in int32 and are caught as such).
         """
         windows = self.window_indices(np.arange(first, first + count))
         out = self.split.windows(windows, self.seq_len)
-        if self.vocab_size is not None and out.size and int(out.max()) >= self.vocab_size:
-            row, col = (int(i) for i in np.argwhere(out >= self.vocab_size)[0])
+        if self.checks_ids and out.size and (int(out.max()) >= self.vocab_size or int(out.min()) < 0):
+            row, col = (int(i) for i in np.argwhere((out >= self.vocab_size) | (out < 0))[0])
             w = int(windows[row])
+            position = w * self.seq_len + col
+            stored = int(self.split.tokens[position])  # the id as in the file, before the int32 conversion
             raise DataError(
-                f"{self.split.path}: token id {int(out[row, col])} at position {w * self.seq_len + col:,} "
+                f"{self.split.path}: token id {stored} at position {position:,} "
                 f"(sequence {first + row}, window {w} = tokens {w * self.seq_len:,}..{(w + 1) * self.seq_len:,}) "
                 f"is not below the model's vocab_size={self.vocab_size}, although {DATASET_FILE} gives "
                 f"max_token_id={self.split.max_token_id}: the token file does not match its metadata; prepare the "

@@ -27,6 +27,7 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from deepseekmoe_jax import distributed
 from deepseekmoe_jax import sharding as sh
 from deepseekmoe_jax.checkpoint import CONFIG_FILE, read_config, write_config_files
 from deepseekmoe_jax.config import ConfigError
@@ -127,17 +128,17 @@ def resolve_dataset(run: RunConfig, log: Callable[[str], None]) -> TokenDataset:
     # Process 0 prepares the corpus if it is missing; every process then meets at the same barrier, whatever it
     # found on disk, so that none starts reading before the files are complete and none waits alone.
     failure = None
-    if jax.process_index() == 0 and not os.path.isfile(os.path.join(target, DATASET_FILE)):
+    if distributed.is_main_process() and not os.path.isfile(os.path.join(target, DATASET_FILE)):
         try:
             files = stdlib_sources()
             log(
                 f"preparing the built-in corpus: {len(files)} Python standard library files from "
-                f"{os.path.dirname(files[0])} -> {shown(target)} (byte-level tokenizer)"
+                f"{os.path.dirname(files[0])} -> {display_path(target)} (byte-level tokenizer)"
             )
             prepare(files, target, ByteTokenizer(), val_fraction=d.val_fraction, progress=False)
         except Exception as e:  # raised after the barrier, so the other processes do not wait forever
             failure = e
-    _sync("built-in corpus prepared")
+    distributed.barrier("built-in corpus prepared")
     if failure is not None:
         raise failure
     if not os.path.isfile(os.path.join(target, DATASET_FILE)):
@@ -149,25 +150,15 @@ def resolve_dataset(run: RunConfig, log: Callable[[str], None]) -> TokenDataset:
     return TokenDataset(target)
 
 
-def shown(path: str) -> str:
+def display_path(path: str) -> str:
     """``path`` as printed to the user: relative to the working directory when it lies inside it."""
     rel = os.path.relpath(path)
     return path if rel.startswith("..") else rel
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def prepare_run_dir(run: RunConfig, dataset: TokenDataset, resuming: bool) -> None:
-    """Write the model config, the full run config and the tokenizer into the run directory.
-
-    An existing run directory with a different model (HF fields) is refused: resuming it would load
-    parameters of another shape, and overwriting it would lose it.
-    """
+def check_run_dir(run: RunConfig, resuming: bool) -> None:
+    """Refuse to resume a run directory that holds a different model (HF fields): its checkpoints hold parameters
+    of another shape, and overwriting its config would lose it."""
     run_dir = run.train.run_dir
     cfg_path = os.path.join(run_dir, CONFIG_FILE)
     if os.path.isfile(cfg_path):
@@ -180,9 +171,15 @@ def prepare_run_dir(run: RunConfig, dataset: TokenDataset, resuming: bool) -> No
                 f"{run_dir} holds checkpoints of a different model ({details}); use another train.run_dir "
                 "or restore the original model settings to resume"
             )
+
+
+def write_run_dir(run: RunConfig, dataset: TokenDataset) -> None:
+    """Write the model config, the full run config and the tokenizer into the run directory (process 0), once
+    the run has been checked and its state restored, so that a refused resume leaves the directory as it was."""
+    run_dir = run.train.run_dir
     # Every process has read the old config before process 0 replaces it.
-    _sync("run directory checked")
-    if jax.process_index() != 0:
+    distributed.barrier("run directory checked")
+    if not distributed.is_main_process():
         return
     os.makedirs(run_dir, exist_ok=True)
     extra = {
@@ -220,6 +217,23 @@ def check_settings(run: RunConfig, mesh, micro_sharding: NamedSharding) -> None:
             f"the micro-batch of {s.micro_batch_size} sequences (train.batch_size={s.batch_size} / "
             f"train.grad_accum={s.grad_accum}) cannot be split over the {shards} batch shards of the mesh "
             f"{dict(mesh.shape)}; make it a multiple of {shards}"
+        )
+
+
+def check_resume(run: RunConfig, train_state: dict[str, Any], step_dir: str) -> None:
+    """Refuse to resume the checkpoint in ``step_dir`` (its JSON ``train_state``) with another ``train.seed`` or
+    ``train.seq_len``: its data position counts sequences of the order those two define, so either change would
+    silently feed other data than the run was trained on (and a different seq_len another number of tokens)."""
+    changed = [
+        (f"train.{key}", train_state[key], getattr(run.train, key))
+        for key in ("seed", "seq_len")
+        if train_state[key] != getattr(run.train, key)
+    ]
+    if changed:
+        details = ", ".join(f"{name}: {old!r} in the checkpoint, {new!r} now" for name, old, new in changed)
+        raise TrainError(
+            f"cannot resume from {step_dir}: {details}. The data order and position depend on them; restore the "
+            "original values to resume, or start a new train.run_dir (with train.init_from to keep the parameters)"
         )
 
 
@@ -267,13 +281,17 @@ class StopVote:
         self.sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
         self.abstract = jax.ShapeDtypeStruct((self.size,), jnp.int32, sharding=self.sharding)
         self._recent: collections.deque = collections.deque(maxlen=2)
+        # The only two arrays a process ever passes, built once: a step then costs no host-to-device copy.
+        self._flags = tuple(self._build_flags(value) for value in (0, 1))
 
-    def flags(self, requested: bool) -> jax.Array:
-        """This process's request on each of its devices, as a global int32 array [devices]."""
-        value = np.int32(bool(requested))
+    def _build_flags(self, value: int) -> jax.Array:
         return jax.make_array_from_callback(
             (self.size,), self.sharding, lambda index: np.full(len(range(self.size)[index[0]]), value, np.int32)
         )
+
+    def flags(self, requested: bool) -> jax.Array:
+        """This process's request on each of its devices, as a global int32 array [devices]."""
+        return self._flags[int(bool(requested))]
 
     def record(self, any_requested: jax.Array) -> None:
         """Keep the step's output (a replicated scalar, still being computed)."""
@@ -330,7 +348,7 @@ def plan_state(run: RunConfig, mesh, rules) -> StateLayout:
     param_sh = nnx.to_pure_dict(sh.param_shardings(abstract_params_state, rules, mesh))
     abstract_params = _abstract(nnx.to_pure_dict(abstract_params_state), param_sh)
     optimizer = make_optimizer(run.train, decay_mask(abstract_params_state))
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = sh.replicated(mesh)
     with sh.use_mesh(mesh, rules):
         init_opt = jax.jit(optimizer.init).lower(abstract_params).compile()
     opt_sh = init_opt.output_shardings
@@ -410,7 +428,7 @@ def data_sources(run: RunConfig, say) -> tuple[TokenDataset, BatchSource, BatchS
                 "(val split empty or too short); evaluation is off"
             )
     say(
-        f"data: {shown(dataset.directory)}: train {train_split.num_tokens:,} tokens "
+        f"data: {display_path(dataset.directory)}: train {train_split.num_tokens:,} tokens "
         f"({train_split.documents} documents, "
         f"{train_src.num_windows:,} sequences of {s.seq_len})"
         + (f", held-out {eval_src.split.num_tokens:,} tokens" if eval_src else "")
@@ -427,7 +445,7 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
     """
     run = dataclasses.replace(run, train=dataclasses.replace(run.train, run_dir=os.path.abspath(run.train.run_dir)))
     s, config, run_dir = run.train, run.model, run.train.run_dir
-    is_main = jax.process_index() == 0
+    is_main = distributed.is_main_process()
     say = log if is_main else (lambda _msg: None)
     if s.compilation_cache:
         enable_compilation_cache(s.compilation_cache)
@@ -442,10 +460,14 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
     dataset, train_src, eval_src = data_sources(run, say)
 
     checkpointer = RunCheckpointer(run_dir, keep=s.keep_checkpoints, async_save=s.async_checkpointing)
-    prepare_run_dir(run, dataset, resuming=checkpointer.latest_step() is not None)
+    latest = checkpointer.latest_step()
+    if latest is not None:  # before anything in the run directory is rewritten
+        check_resume(run, checkpointer.read_train_state(latest), checkpointer.step_dir(latest))
+    check_run_dir(run, resuming=latest is not None)
     layout = plan_state(run, mesh, rules)
     with sh.use_mesh(mesh, rules):
         state, position = start_state(run, layout, checkpointer, mesh, rules, say)
+    write_run_dir(run, dataset)
     start_step = int(state.step)
 
     fpt = flops_lib.training_flops_per_token(config, s.seq_len)
@@ -461,7 +483,7 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
     if peak is None:
         say(f"MFU: not reported ({peak_source})")
     say(
-        f"run: {shown(run_dir)} | steps {s.steps} | batch {s.batch_size} x {s.seq_len} tokens"
+        f"run: {display_path(run_dir)} | steps {s.steps} | batch {s.batch_size} x {s.seq_len} tokens"
         f"{f' in {s.grad_accum} micro-batches' if s.grad_accum > 1 else ''} | lr {s.learning_rate:g} "
         f"({s.schedule}, warmup {s.warmup_steps})"
     )
@@ -519,8 +541,9 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
         logger.message(f"eval   step {step:>6} | loss {loss:.4f} | perplexity {rec['eval_perplexity']:.2f}")
         return rec
 
-    def check_finite(step_now: int) -> None:
-        bad = int(state.bad_step)
+    def check_finite(step_now: int, bad: int | None = None) -> None:
+        """Raise `NonFiniteLoss` if a step went bad; ``bad`` is ``state.bad_step`` when already on the host."""
+        bad = int(state.bad_step) if bad is None else int(bad)
         if bad >= 0:
             last = checkpointer.latest_step()
             where = checkpointer.step_dir(last) if last is not None else None
@@ -535,7 +558,12 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
 
     def save(step_now: int) -> None:
         check_finite(step_now)
-        host_state = {"data_position": position, "tokens_seen": position * s.seq_len, "seed": s.seed}
+        host_state = {
+            "data_position": position,
+            "tokens_seen": position * s.seq_len,
+            "seed": s.seed,
+            "seq_len": s.seq_len,
+        }
         checkpointer.save(state, host_state)
 
     last_record: dict[str, Any] = {}
@@ -564,12 +592,14 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
                 step += 1
                 logger.advance(1)
                 if step % s.log_every == 0 or step == s.steps:
-                    check_finite(step)
+                    # One transfer (one wait for the step) for both the finiteness flag and the metrics.
+                    bad, host_metrics = jax.device_get((state.bad_step, metrics))
+                    check_finite(step, bad)
                     now = time.perf_counter()
                     tps = (step - step_mark) * s.batch_size * s.seq_len / max(now - t_mark, 1e-9)
                     t_mark, step_mark = now, step
                     rec = {"step": step}
-                    for k, v in jax.device_get(metrics).items():
+                    for k, v in host_metrics.items():
                         rec[k] = np.asarray(v).tolist() if np.ndim(v) else float(v)
                     rec.update(
                         tokens_per_second=tps,

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from deepseekmoe_jax.config import ConfigError, DeepseekConfig, apply_overrides, read_config_file
+from deepseekmoe_jax.sharding import DEFAULT_MESH, MESH_AXES
 
 SCHEDULES = ("step", "cosine", "constant")
 BUILTIN_CORPORA = ("python-stdlib",)
@@ -157,12 +158,24 @@ class DataSettings:
 @dataclasses.dataclass(frozen=True)
 class MeshSettings:
     """The ``mesh:`` section: sizes of the mesh axes ``data``, ``fsdp``, ``expert``, ``tensor`` (one may be -1,
-    meaning all remaining devices)."""
+    meaning all remaining devices).
 
-    data: int = -1
-    fsdp: int = 1
-    expert: int = 1
-    tensor: int = 1
+    As for `sharding.mesh_from_config`: without a ``mesh:`` section the mesh is `sharding.DEFAULT_MESH` (every
+    device on ``fsdp``, so parameters and optimizer state are sharded, never replicated); inside a section, a
+    missing axis is 1 (see `from_section`).
+    """
+
+    data: int = DEFAULT_MESH["data"]
+    fsdp: int = DEFAULT_MESH["fsdp"]
+    expert: int = DEFAULT_MESH["expert"]
+    tensor: int = DEFAULT_MESH["tensor"]
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any] | None) -> MeshSettings:
+        """The settings of a ``mesh:`` section (None: no section, the default mesh)."""
+        if section is None:
+            return cls()
+        return cls(**{axis: section.get(axis, 1) for axis in MESH_AXES})
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -193,6 +206,18 @@ def _build(cls, raw, section, where):
         raise ConfigError(f"{where}: {e}") from None
 
 
+def _mesh_settings(raw: Mapping[str, Any], where: str) -> MeshSettings:
+    section = raw.get("mesh")
+    if section is None:
+        return MeshSettings()
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: mesh: expected a mapping of {list(MESH_AXES)} to sizes, got {section!r}")
+    try:
+        return MeshSettings.from_section(_check_fields(MeshSettings, section, "mesh", where))
+    except TypeError as e:
+        raise ConfigError(f"{where}: mesh: {e}") from None
+
+
 def run_config_from_dict(raw: Mapping[str, Any], where: str = "config") -> RunConfig:
     """Split a raw project dict (``model``/``options``/``train``/``data``/``mesh``) into a `RunConfig`."""
     known = {"model", "options", "train", "data", "mesh"}
@@ -208,7 +233,7 @@ def run_config_from_dict(raw: Mapping[str, Any], where: str = "config") -> RunCo
         model=model,
         train=train,
         data=_build(DataSettings, raw, "data", where),
-        mesh=_build(MeshSettings, raw, "mesh", where),
+        mesh=_mesh_settings(raw, where),
         raw=dict(raw),
     )
 
