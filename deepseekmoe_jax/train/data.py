@@ -26,13 +26,13 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from deepseekmoe_jax.checkpoint import make_staging_dir, publish_directory
 from deepseekmoe_jax.train.tokenizer import HFTokenizer, Tokenizer
 
 DATASET_FILE = "dataset.json"
@@ -392,7 +392,7 @@ def prepare(
 
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+    tmp = make_staging_dir(output)
     try:
         stats = {name: {"file": f"{name}.bin", "tokens": 0, "documents": 0, "max_token_id": -1} for name in SPLITS}
         handles = {name: open(os.path.join(tmp, f"{name}.bin"), "wb") for name in SPLITS}
@@ -446,9 +446,7 @@ def prepare(
         with open(os.path.join(tmp, DATASET_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.replace(tmp, output)
+        publish_directory(tmp, output)  # an existing dataset stays in place until the new one is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from deepseekmoe_jax import distributed
 from deepseekmoe_jax import sharding as sh
 from deepseekmoe_jax.checkpoint import CONFIG_FILE, read_config, write_config_files
-from deepseekmoe_jax.config import ConfigError
+from deepseekmoe_jax.config import ConfigError, write_text_atomically
 from deepseekmoe_jax.model import DeepseekForCausalLM, moe_layer_indices, param_count
 from deepseekmoe_jax.train import flops as flops_lib
 from deepseekmoe_jax.train.checkpointing import RunCheckpointer
@@ -194,10 +194,7 @@ def write_run_dir(run: RunConfig, dataset: TokenDataset) -> None:
     raw["train"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(run.train).items()}
     raw["data"] = dataclasses.asdict(run.data)
     raw["mesh"] = run.mesh.as_dict()
-    tmp = os.path.join(run_dir, RUN_CONFIG_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(raw, f, sort_keys=False)
-    os.replace(tmp, os.path.join(run_dir, RUN_CONFIG_FILE))
+    write_text_atomically(os.path.join(run_dir, RUN_CONFIG_FILE), yaml.safe_dump(raw, sort_keys=False))
     src = os.path.join(dataset.directory, "tokenizer.json")
     if dataset.tokenizer.get("type") == "huggingface" and os.path.isfile(src):
         shutil.copyfile(src, os.path.join(run_dir, "tokenizer.json"))

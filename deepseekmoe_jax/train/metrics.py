@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Any
 
+from deepseekmoe_jax.config import write_text_atomically
+
 JSONL_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -32,10 +34,7 @@ def truncate_jsonl(path: str, last_step: int) -> None:
                 continue  # a line cut short by a kill
             if rec.get("step", 0) <= last_step:
                 kept.append(json.dumps(rec))
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(k + "\n" for k in kept))
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
