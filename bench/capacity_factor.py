@@ -97,7 +97,7 @@ def interleaved_timing(config: str, factors: list[float | None], rounds: int, wo
     import jax.numpy as jnp
 
     from deepseekmoe_jax import sharding as sh
-    from deepseekmoe_jax.train.loop import batch_sharding, build_mesh, initial_params, plan_state
+    from deepseekmoe_jax.train.loop import build_mesh, initial_params, micro_batch_sharding, plan_state
     from deepseekmoe_jax.train.step import TrainState, make_train_step
 
     steps = {}
@@ -106,7 +106,7 @@ def interleaved_timing(config: str, factors: list[float | None], rounds: int, wo
         mesh = build_mesh(run.mesh)
         rules = sh.rules_for(run.model)
         layout = plan_state(run, mesh, rules)
-        micro = batch_sharding(mesh, rules, leading=1)
+        micro = micro_batch_sharding(mesh, rules)
         with sh.use_mesh(mesh, rules):
             params = initial_params(run, mesh, rules, lambda _m: None)
             state = TrainState(

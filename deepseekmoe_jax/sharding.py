@@ -454,15 +454,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_spec(mesh: Mesh, rules: Mapping[str, Any] | None = None) -> PartitionSpec:
-    """PartitionSpec of a batch ``[B, T, ...]``: B over the mesh axes of ``act_batch`` (default data, fsdp and
-    expert), T over those of ``act_length`` (default none)."""
-    return logical_to_spec(("act_batch", "act_length"), _as_rules(rules), mesh.axis_names, dict(mesh.shape))
+def batch_spec(
+    mesh: Mesh, rules: Mapping[str, Any] | None = None, *, leading: int = 0, shard_length: bool = True
+) -> PartitionSpec:
+    """PartitionSpec of a batch ``[..., B, T, ...]``: B over the mesh axes of ``act_batch`` (default data, fsdp and
+    expert), T over those of ``act_length`` (default none; never with ``shard_length=False``, e.g. for ``T + 1``
+    token windows), after ``leading`` unsharded dimensions (e.g. micro-batches)."""
+    logical = (None,) * leading + ("act_batch", "act_length" if shard_length else None)
+    return logical_to_spec(logical, _as_rules(rules), mesh.axis_names, dict(mesh.shape))
 
 
-def batch_sharding(mesh: Mesh, rules: Mapping[str, Any] | None = None) -> NamedSharding:
-    """`NamedSharding` for every array of an input batch (leading batch dimension; see `batch_spec`)."""
-    return NamedSharding(mesh, batch_spec(mesh, rules))
+def batch_sharding(
+    mesh: Mesh, rules: Mapping[str, Any] | None = None, *, leading: int = 0, shard_length: bool = True
+) -> NamedSharding:
+    """`NamedSharding` for every array of an input batch (see `batch_spec`)."""
+    return NamedSharding(mesh, batch_spec(mesh, rules, leading=leading, shard_length=shard_length))
 
 
 def batch_shards(mesh: Mesh, rules: Mapping[str, Any] | None = None) -> int:

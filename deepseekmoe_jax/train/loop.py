@@ -84,20 +84,9 @@ def build_mesh(settings: MeshSettings):
     return sh.mesh_from_config(settings.as_dict())
 
 
-def batch_sharding(mesh, rules, leading: int = 1) -> NamedSharding:
-    """Token batches [..., B, T+1]: the batch dimension over the ``act_batch`` mesh axes, ``leading`` unsharded
-    dimensions (micro-batches) in front."""
-    spec = sh.logical_to_spec((None,) * leading + ("act_batch", None), rules, mesh.axis_names, dict(mesh.shape))
-    return NamedSharding(mesh, spec)
-
-
-def batch_shards(sharding: NamedSharding, dim: int) -> int:
-    """Number of pieces dimension ``dim`` is cut into by ``sharding``."""
-    entry = sharding.spec[dim] if dim < len(sharding.spec) else None
-    if entry is None:
-        return 1
-    names = (entry,) if isinstance(entry, str) else entry
-    return int(np.prod([sharding.mesh.shape[n] for n in names]))
+def micro_batch_sharding(mesh, rules) -> NamedSharding:
+    """Token windows [micro-batches, B, T+1]: B over the ``act_batch`` mesh axes, the rest unsharded."""
+    return sh.batch_sharding(mesh, rules, leading=1, shard_length=False)
 
 
 # ----------------------------------------------------------------------------------------------- setup helpers
@@ -200,7 +189,7 @@ def write_run_dir(run: RunConfig, dataset: TokenDataset) -> None:
         shutil.copyfile(src, os.path.join(run_dir, "tokenizer.json"))
 
 
-def check_settings(run: RunConfig, mesh, micro_sharding: NamedSharding) -> None:
+def check_settings(run: RunConfig, mesh, rules) -> None:
     """Sequence length vs the position limit, batch vs mesh; each failure a `TrainError` saying what to change."""
     s, c = run.train, run.model
     if s.seq_len > c.max_position_embeddings:
@@ -208,7 +197,7 @@ def check_settings(run: RunConfig, mesh, micro_sharding: NamedSharding) -> None:
             f"train.seq_len={s.seq_len} exceeds the model's max_position_embeddings="
             f"{c.max_position_embeddings}; lower train.seq_len"
         )
-    shards = batch_shards(micro_sharding, 1)
+    shards = sh.batch_shards(mesh, rules)
     if s.micro_batch_size % shards:
         raise TrainError(
             f"the micro-batch of {s.micro_batch_size} sequences (train.batch_size={s.batch_size} / "
@@ -452,8 +441,8 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
     mesh = build_mesh(run.mesh)
     sh.check_mesh_fits(config, mesh)
     rules = sh.rules_for(config)
-    micro_sh = batch_sharding(mesh, rules, leading=1)  # [A, B, T+1]
-    check_settings(run, mesh, micro_sh)
+    micro_sh = micro_batch_sharding(mesh, rules)  # [A, B, T+1]
+    check_settings(run, mesh, rules)
     dataset, train_src, eval_src = data_sources(run, say)
 
     checkpointer = RunCheckpointer(run_dir, keep=s.keep_checkpoints, async_save=s.async_checkpointing)
