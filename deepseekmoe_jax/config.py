@@ -440,8 +440,12 @@ class DeepseekConfig:
                     source = json.load(f)
             except FileNotFoundError:
                 raise ConfigError(f"{path}: no such file; a HF checkpoint directory must contain config.json") from None
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
+            except OSError as e:
+                raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+        if not isinstance(source, Mapping):
+            raise ConfigError(f"{where}: expected a JSON object of config fields, found a {type(source).__name__}")
         d = dict(source)
         model_type = d.get("model_type", "deepseek")
         if model_type != "deepseek":

@@ -116,6 +116,12 @@ def test_bad_files_give_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         DeepseekConfig.from_hf(tmp_path)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        DeepseekConfig.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="config.json: expected a JSON object of config fields, found a list"):
+        DeepseekConfig.from_hf(tmp_path)
     (tmp_path / "x.yaml").write_text("model:\n  hidden_size: 64\noptions:\n  bogus: 1\n")
     with pytest.raises(ConfigError, match="bogus"):
         DeepseekConfig.from_file(tmp_path / "x.yaml")
