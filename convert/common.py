@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from deepseekmoe_jax.checkpoint import make_staging_dir, publish_directory
 from deepseekmoe_jax.config import DeepseekConfig
+from deepseekmoe_jax.fs import fsync_tree, make_staging_dir, publish_directory
 
 DTYPE_CHOICES = ("bfloat16", "float32", "float16")
 
@@ -134,24 +134,6 @@ def staging_dir(out_dir: str, *, overwrite: bool, inputs: tuple[str, ...] = ()) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def fsync_tree(directory: str) -> None:
-    """Flush every file and directory under ``directory`` to disk, so that the rename that publishes the output
-    never exposes data still sitting in the page cache. Parameter chunks are already synced as they are written
-    (then this costs one cheap ``fsync`` each); safetensors shards, config and tokenizer files are not."""
-    for root, _dirs, files in os.walk(directory):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def remote_code_files(config: DeepseekConfig) -> list[str]:

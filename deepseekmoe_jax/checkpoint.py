@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepseekmoe_jax.config import ConfigError, DeepseekConfig, ModelOptions, write_text_atomically
+from deepseekmoe_jax.config import ConfigError, DeepseekConfig, ModelOptions
+from deepseekmoe_jax.fs import make_staging_dir, publish_directory, write_text_atomically
 from deepseekmoe_jax.sharding import abstract_param_state, key_path
 
 PARAMS_DIR = "params"
@@ -122,47 +123,6 @@ def save_params(model: nnx.Module, directory: str | os.PathLike) -> None:
         os.replace(os.path.join(tmp, PARAMS_DIR), target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def make_staging_dir(target: str) -> str:
-    """A new empty directory next to ``target`` (hidden name) with the permissions a plain ``mkdir`` would give
-    (``tempfile.mkdtemp``'s private mode would otherwise become the published directory's)."""
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=os.path.dirname(target))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return tmp
-
-
-def publish_directory(staged: str, target: str) -> None:
-    """Move the complete directory ``staged`` to ``target`` (same filesystem), replacing an existing ``target``.
-
-    A directory cannot be renamed over a non-empty one, so an existing ``target`` is first moved aside, and moved
-    back if the second rename fails: at every moment either the old or the new directory is at ``target``.
-    """
-    if not os.path.lexists(target):
-        os.replace(staged, target)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
-    previous = os.path.join(old, "previous")
-    try:
-        os.replace(target, previous)
-    except BaseException:
-        os.rmdir(old)
-        raise
-    try:
-        os.replace(staged, target)
-    except BaseException as e:
-        try:
-            os.replace(previous, target)
-        except OSError as restore_error:
-            raise CheckpointError(
-                f"{target}: could not be replaced ({e}) nor restored ({restore_error.strerror or restore_error}); "
-                f"its previous contents are kept in {previous}: move them back by hand"
-            ) from e
-        os.rmdir(old)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(model: nnx.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> None:

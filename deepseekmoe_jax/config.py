@@ -8,7 +8,6 @@ a separate `ModelOptions` object attached as ``config.options``; it is never wri
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -17,6 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import yaml
+
+from deepseekmoe_jax.fs import write_text_atomically
 
 
 class ConfigError(ValueError):
@@ -136,21 +137,6 @@ def _freeze_axis(v):
     if isinstance(v, list | tuple):
         return tuple(v)
     return v
-
-
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory renamed over it: a reader sees
-    the old file or the new one, never a partial one, and a failed write leaves no temporary file behind."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 @dataclasses.dataclass(frozen=True, eq=True)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from deepseekmoe_jax.checkpoint import make_staging_dir, publish_directory
+from deepseekmoe_jax.fs import make_staging_dir, publish_directory
 from deepseekmoe_jax.train.tokenizer import HFTokenizer, Tokenizer
 
 DATASET_FILE = "dataset.json"

@@ -30,7 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from deepseekmoe_jax import distributed
 from deepseekmoe_jax import sharding as sh
 from deepseekmoe_jax.checkpoint import CONFIG_FILE, read_config, write_config_files
-from deepseekmoe_jax.config import ConfigError, write_text_atomically
+from deepseekmoe_jax.config import ConfigError
+from deepseekmoe_jax.fs import write_text_atomically
 from deepseekmoe_jax.model import DeepseekForCausalLM, moe_layer_indices, param_count
 from deepseekmoe_jax.train import flops as flops_lib
 from deepseekmoe_jax.train.checkpointing import RunCheckpointer

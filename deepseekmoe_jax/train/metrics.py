@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from deepseekmoe_jax.config import write_text_atomically
+from deepseekmoe_jax.fs import write_text_atomically
 
 JSONL_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
