@@ -128,7 +128,7 @@ def test_fresh_parameters_follow_the_papers_init_std(repo_root):
 
     std = load_run_config(repo_root / "configs" / "deepseekmoe-16b.yaml").model.options.init_std
     assert std == 0.006
-    small = small_config().to_hf(metadata=False)
+    small = small_config(bos_token_id=1, eos_token_id=2).to_hf(metadata=False)  # ids inside its vocabulary
     run = run_config_from_dict({"model": small, "options": {"init_std": std}, "mesh": {"data": 8}})
     mesh = build_mesh(run.mesh)
     params = initial_params(run, mesh, sh.rules_for(run.model), lambda _m: None)

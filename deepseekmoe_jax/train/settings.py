@@ -18,7 +18,16 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from deepseekmoe_jax.config import ConfigError, DeepseekConfig, apply_overrides, read_config_file
+from deepseekmoe_jax.config import (
+    ConfigError,
+    DeepseekConfig,
+    ModelOptions,
+    apply_overrides,
+    check_section_keys,
+    check_settings,
+    read_config_file,
+    setting,
+)
 from deepseekmoe_jax.sharding import DEFAULT_MESH, MESH_AXES
 
 SCHEDULES = ("step", "cosine", "constant")
@@ -26,12 +35,10 @@ BUILTIN_CORPORA = ("python-stdlib",)
 
 
 def _check_fields(cls, raw: Mapping[str, Any] | None, section: str, where: str) -> dict[str, Any]:
-    raw = dict(raw or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown} in '{section}'; known keys are {sorted(known)}")
-    return raw
+    try:
+        return check_section_keys(cls, raw, section)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,62 +78,39 @@ class TrainSettings:
       compilation_cache: directory for JAX's persistent compilation cache (null: off).
     """
 
-    run_dir: str = "runs/default"
-    steps: int = 1000
-    batch_size: int = 8
-    seq_len: int = 256
-    grad_accum: int = 1
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
-    schedule: str = "step"
-    decay_points: tuple[float, ...] = (0.8, 0.9)
-    decay_factor: float = 0.316
-    min_lr_ratio: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0
-    eval_batches: int = 4
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
+    run_dir: str = setting("runs/default", nonempty=True)
+    steps: int = setting(1000, ge=1)
+    batch_size: int = setting(8, ge=1)
+    seq_len: int = setting(256, ge=1)
+    grad_accum: int = setting(1, ge=1)
+    learning_rate: float = setting(1e-3, gt=0)
+    warmup_steps: int = setting(100, ge=0)
+    schedule: str = setting("step", choices=SCHEDULES)
+    decay_points: tuple[float, ...] = setting((0.8, 0.9), gt=0, le=1, note="fractions of train.steps")
+    decay_factor: float = setting(0.316, gt=0, le=1)
+    min_lr_ratio: float = setting(0.1, ge=0, le=1)
+    b1: float = setting(0.9, ge=0, lt=1)
+    b2: float = setting(0.95, ge=0, lt=1)
+    eps: float = setting(1e-8, gt=0)
+    weight_decay: float = setting(0.1, ge=0)
+    grad_clip: float = setting(1.0, ge=0, note="0 disables clipping")
+    seed: int = setting(0, ge=0, le=2**31 - 1)
+    log_every: int = setting(10, ge=1)
+    eval_every: int = setting(0, ge=-1, note="0: only at the end, -1: never")
+    eval_batches: int = setting(4, ge=1)
+    checkpoint_every: int = setting(500, ge=1)
+    keep_checkpoints: int = setting(3, ge=1)
     async_checkpointing: bool = True
-    init_from: str | None = None
-    loss_chunk_size: int = 1024
+    init_from: str | None = setting(None, nonempty=True, note="a model directory")
+    loss_chunk_size: int = setting(1024, ge=1)
     tensorboard: bool = True
-    peak_flops: float | None = None
-    compilation_cache: str | None = None
+    peak_flops: float | None = setting(None, gt=0)
+    compilation_cache: str | None = setting(None, nonempty=True, note="a directory")
 
     def __post_init__(self):
-        if isinstance(self.decay_points, list):
-            object.__setattr__(self, "decay_points", tuple(self.decay_points))
-
-        def need(cond, name, msg):
-            if not cond:
-                raise ConfigError(f"train.{name}={getattr(self, name)!r}: {msg}")
-
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "checkpoint_every"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "expected a positive integer")
-        for name in ("keep_checkpoints", "eval_batches", "loss_chunk_size"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and v >= 1, name, "expected a positive integer")
-        need(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", "expected an integer >= 0")
-        need(isinstance(self.eval_every, int) and self.eval_every >= -1, "eval_every", "expected an integer >= -1")
-        need(self.batch_size % self.grad_accum == 0, "grad_accum", f"must divide train.batch_size={self.batch_size}")
-        need(self.schedule in SCHEDULES, "schedule", f"expected one of {SCHEDULES}")
-        need(all(0 < p <= 1 for p in self.decay_points), "decay_points", "expected fractions in (0, 1]")
-        need(0 < self.decay_factor <= 1, "decay_factor", "expected a number in (0, 1]")
-        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "expected a number in [0, 1]")
-        need(self.learning_rate > 0, "learning_rate", "expected > 0")
-        need(0 <= self.b1 < 1, "b1", "expected a number in [0, 1)")
-        need(0 <= self.b2 < 1, "b2", "expected a number in [0, 1)")
-        need(self.weight_decay >= 0, "weight_decay", "expected >= 0")
-        need(self.grad_clip >= 0, "grad_clip", "expected >= 0 (0 disables clipping)")
-        need(self.peak_flops is None or self.peak_flops > 0, "peak_flops", "expected a positive number or null")
+        check_settings(self, "train")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.grad_accum={self.grad_accum!r}: must divide train.batch_size={self.batch_size}")
 
     @property
     def micro_batch_size(self) -> int:
@@ -144,15 +128,17 @@ class DataSettings:
       val_fraction: held-out share of documents when a built-in corpus is prepared.
     """
 
-    path: str | None = None
-    corpus: str | None = None
-    val_fraction: float = 0.01
+    path: str | None = setting(None, nonempty=True, note="a directory made by `python train.py prepare`")
+    corpus: str | None = setting(None, choices=BUILTIN_CORPORA)
+    val_fraction: float = setting(0.01, ge=0, lt=1)
 
     def __post_init__(self):
-        if self.corpus is not None and self.corpus not in BUILTIN_CORPORA:
-            raise ConfigError(f"data.corpus={self.corpus!r}: expected one of {BUILTIN_CORPORA} or null")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction={self.val_fraction!r}: expected a number in [0, 1)")
+        check_settings(self, "data")
+        if self.path is not None and self.corpus is not None:
+            raise ConfigError(
+                f"data.path={self.path!r} and data.corpus={self.corpus!r} are both set; choose one: to train on "
+                "data.path, add --set data.corpus=null (or use --data DIR, or remove 'corpus' from the config file)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,10 +151,13 @@ class MeshSettings:
     missing axis is 1 (see `from_section`).
     """
 
-    data: int = DEFAULT_MESH["data"]
-    fsdp: int = DEFAULT_MESH["fsdp"]
-    expert: int = DEFAULT_MESH["expert"]
-    tensor: int = DEFAULT_MESH["tensor"]
+    data: int = setting(DEFAULT_MESH["data"], ge=1, also=(-1,), note="-1: all remaining devices")
+    fsdp: int = setting(DEFAULT_MESH["fsdp"], ge=1, also=(-1,), note="-1: all remaining devices")
+    expert: int = setting(DEFAULT_MESH["expert"], ge=1, also=(-1,), note="-1: all remaining devices")
+    tensor: int = setting(DEFAULT_MESH["tensor"], ge=1, also=(-1,), note="-1: all remaining devices")
+
+    def __post_init__(self):
+        check_settings(self, "mesh")
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any] | None) -> MeshSettings:
@@ -200,8 +189,6 @@ def _build(cls, raw, section, where):
     fields = _check_fields(cls, raw.get(section), section, where)
     try:
         return cls(**fields)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {section}: {e}") from None
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -210,12 +197,11 @@ def _mesh_settings(raw: Mapping[str, Any], where: str) -> MeshSettings:
     section = raw.get("mesh")
     if section is None:
         return MeshSettings()
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"{where}: mesh: expected a mapping of {list(MESH_AXES)} to sizes, got {section!r}")
+    fields = _check_fields(MeshSettings, section, "mesh", where)
     try:
-        return MeshSettings.from_section(_check_fields(MeshSettings, section, "mesh", where))
-    except TypeError as e:
-        raise ConfigError(f"{where}: mesh: {e}") from None
+        return MeshSettings.from_section(fields)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def run_config_from_dict(raw: Mapping[str, Any], where: str = "config") -> RunConfig:
@@ -225,17 +211,13 @@ def run_config_from_dict(raw: Mapping[str, Any], where: str = "config") -> RunCo
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {unknown}; expected some of {sorted(known)}")
     train = _build(TrainSettings, raw, "train", where)
+    data = _build(DataSettings, raw, "data", where)
+    mesh = _mesh_settings(raw, where)
     if train.init_from is not None:
         model = _fine_tune_config(raw, train.init_from, where)
     else:
         model = DeepseekConfig.from_project_dict(raw, where=where)
-    return RunConfig(
-        model=model,
-        train=train,
-        data=_build(DataSettings, raw, "data", where),
-        mesh=_mesh_settings(raw, where),
-        raw=dict(raw),
-    )
+    return RunConfig(model=model, train=train, data=data, mesh=mesh, raw=dict(raw))
 
 
 def _fine_tune_config(raw: Mapping[str, Any], init_from: str, where: str) -> DeepseekConfig:
@@ -246,7 +228,7 @@ def _fine_tune_config(raw: Mapping[str, Any], init_from: str, where: str) -> Dee
     try:
         base = read_config(init_from)
     except CheckpointError as e:
-        raise ConfigError(f"train.init_from: {e}") from None
+        raise ConfigError(f"{where}: train.init_from: {e}") from None
     if raw.get("model") is not None:
         given = DeepseekConfig.from_project_dict(raw, where=where).to_hf(metadata=False)
         have = base.to_hf(metadata=False)
@@ -257,11 +239,11 @@ def _fine_tune_config(raw: Mapping[str, Any], init_from: str, where: str) -> Dee
                 f"{where}: the 'model' section disagrees with the checkpoint in train.init_from={init_from} "
                 f"({details}); drop the 'model' section to use the checkpoint's"
             )
-    options = raw.get("options") or {}
     try:
-        return base.replace(options=dict(options))
-    except TypeError as e:
-        raise ConfigError(f"{where}: options: {e}") from None
+        options = check_section_keys(ModelOptions, raw.get("options"), "options")
+        return base.replace(options=options)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def precision_warnings(run: RunConfig) -> list[str]:
