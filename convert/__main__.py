@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import textwrap
@@ -36,8 +37,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _tolerance(text: str) -> float:
+    """argparse type: a finite number >= 0 (``nan`` would fail every check, ``inf`` pass every one)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors end in one ``error: ...`` line, like every other bad input (exit status 2)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="deepseekmoe-convert",
         description="Convert DeepSeekMoE v1 checkpoints (deepseek-moe-16b-base/-chat and fine-tunes) between "
         "Hugging Face / PyTorch and JAX (Orbax), streaming: peak memory does not grow with the model "
@@ -76,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
         help="activation dtype recorded in the model options (default: same as --dtype)",
     )
     h.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists (after success)")
+    h.add_argument(
+        "--refuse-nonfinite",
+        action="store_true",
+        help="stop with an error at the first tensor holding NaN/inf values (default: convert them, with a warning "
+        "naming each tensor)",
+    )
     h.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     j = sub.add_parser(
@@ -134,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--batches", type=_positive_int, default=3, help="number of random batches (default 3)")
     v.add_argument("--batch-size", type=_positive_int, default=2, help="sequences per batch (default 2)")
     v.add_argument("--seq-len", type=_positive_int, default=32, help="tokens per sequence (default 32)")
-    v.add_argument("--tolerance", type=float, default=1e-4, help="max allowed relative difference (default 1e-4)")
+    v.add_argument("--tolerance", type=_tolerance, default=1e-4, help="max allowed relative difference (default 1e-4)")
     v.add_argument("--seed", type=int, default=0)
     return p
 
@@ -182,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 compute_dtype=args.compute_dtype,
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
+                refuse_nonfinite=args.refuse_nonfinite,
             )
         elif args.command == "jax-to-hf":
             from convert.jax_to_hf import convert_jax_to_hf
@@ -212,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
             )
             verdict = "PASS" if result.ok else "FAIL"
+            for problem in result.problems:
+                print(f"FAIL: {problem}")
             print(
                 f"{verdict}: max |diff| / max |logit| = {result.max_rel:.3e} (tolerance {result.tolerance:g}), "
                 f"max |diff| = {result.max_abs:.3e}, top-1 agreement {result.top1:.2%}, "

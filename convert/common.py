@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from deepseekmoe_jax.config import DeepseekConfig
-from deepseekmoe_jax.fs import fsync_tree, make_staging_dir, publish_directory
+from deepseekmoe_jax.fs import fsync_tree, make_staging_dir, overlapping_input, publish_directory, remove_stale_staging
 
 DTYPE_CHOICES = ("bfloat16", "float32", "float16")
 
@@ -85,14 +85,31 @@ def versions_line(devices: bool = True) -> str:
     return " | ".join(parts)
 
 
-def default_dtype(config: DeepseekConfig) -> str:
-    """The checkpoint's own ``torch_dtype`` (or ``dtype``) from config.json when it is one we store, else bfloat16."""
+def declared_dtype(config: DeepseekConfig, source: str | None = None) -> str | None:
+    """The dtype config.json declares for its weights (``torch_dtype``, else the newer ``dtype``), or None when
+    neither field is set. A value that is not one of `DTYPE_CHOICES` (``"float77"``, ``5``, a list) raises
+    `ConvertError` naming ``source`` (the config.json path), the field and the accepted values."""
     meta = config.hf_metadata
+    found = None
     for key in ("torch_dtype", "dtype"):
         value = meta.get(key)
-        if isinstance(value, str) and value.removeprefix("torch.") in DTYPE_CHOICES:
-            return value.removeprefix("torch.")
-    return "bfloat16"
+        if value is None:
+            continue
+        name = value.removeprefix("torch.") if isinstance(value, str) else None
+        if name not in DTYPE_CHOICES:
+            accepted = ", ".join(f'"{d}"' for d in DTYPE_CHOICES)
+            raise ConvertError(
+                f"{source or 'config.json'}: field {key} is {json.dumps(value)}; expected one of {accepted} "
+                '(optionally "torch."-prefixed) or null: set it to the dtype the weights were saved in'
+            )
+        found = found or name
+    return found
+
+
+def default_dtype(config: DeepseekConfig, source: str | None = None) -> str:
+    """The checkpoint's own ``torch_dtype`` (or ``dtype``) from config.json, else bfloat16 when neither is set; a
+    value that names no dtype we store is refused (`declared_dtype`)."""
+    return declared_dtype(config, source) or "bfloat16"
 
 
 def with_stored_dtype(config: DeepseekConfig, dtype: str) -> DeepseekConfig:
@@ -106,26 +123,46 @@ def with_stored_dtype(config: DeepseekConfig, dtype: str) -> DeepseekConfig:
     return config.replace(hf_metadata=meta)
 
 
+def check_output(out_dir: str, inputs: tuple[str, ...] = (), *, overwrite: bool) -> None:
+    """Refuse an output that is, contains or lies inside one of ``inputs`` (writing it would rewrite or delete what
+    the command reads, or put the output among its own inputs), and an existing output without ``overwrite``."""
+    out_dir = os.path.abspath(out_dir)
+    src = overlapping_input(out_dir, inputs)
+    if src is not None:
+        src = os.path.abspath(src)
+        if os.path.realpath(out_dir) == os.path.realpath(src):
+            how = "is"
+        elif os.path.realpath(src).startswith(os.path.realpath(out_dir).rstrip(os.sep) + os.sep):
+            how = "contains"
+        else:
+            how = "lies inside"
+        raise ConvertError(
+            f"{out_dir}: the output {how} the input {src} and would replace or change it; choose an OUT_DIR "
+            "outside the input"
+        )
+    if os.path.lexists(out_dir) and not overwrite:
+        raise ConvertError(f"{out_dir} already exists; choose another OUT_DIR or pass --overwrite to replace it")
+
+
 @contextlib.contextmanager
 def staging_dir(out_dir: str, *, overwrite: bool, inputs: tuple[str, ...] = ()) -> Iterator[str]:
     """A fresh temporary directory next to ``out_dir`` that becomes ``out_dir`` only if the block succeeds.
 
     An existing ``out_dir`` is refused unless ``overwrite``; with ``overwrite`` it is replaced only after the new
     one is complete. On any error (or Ctrl-C) the temporary directory is removed and ``out_dir`` is untouched.
-    ``inputs`` are directories the command reads; ``out_dir`` may not be one of them or contain one.
+    ``inputs`` are the files and directories the command reads; ``out_dir`` may not be one of them, contain one or
+    lie inside one (`check_output`). Staging directories of ``out_dir`` left behind by a killed run (their writer
+    process is gone) are removed first, one log line each.
     """
     out_dir = os.path.abspath(out_dir)
-    for src in inputs:
-        src = os.path.abspath(src)
-        if out_dir == src or src.startswith(out_dir.rstrip(os.sep) + os.sep):
-            raise ConvertError(f"{out_dir}: the output directory would replace the input {src}; choose another OUT_DIR")
-    if os.path.lexists(out_dir) and not overwrite:
-        raise ConvertError(f"{out_dir} already exists; choose another OUT_DIR or pass --overwrite to replace it")
+    check_output(out_dir, inputs, overwrite=overwrite)
     parent = os.path.dirname(out_dir)
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
         raise ConvertError(f"{parent}: cannot create the output's parent directory ({e.strerror})") from None
+    for stale in remove_stale_staging(out_dir):
+        log(f"removed {stale}: a staging directory of {os.path.basename(out_dir)} left by an interrupted run")
     tmp = make_staging_dir(out_dir)
     try:
         yield tmp

@@ -19,8 +19,10 @@ import numpy as np
 from convert import common
 from convert.common import (
     ConvertError,
+    check_output,
     config_fields,
     copy_side_files,
+    declared_dtype,
     default_dtype,
     human_bytes,
     log,
@@ -124,24 +126,81 @@ def check_against_config(ckpt: HFCheckpoint, config: DeepseekConfig) -> dict[str
     return targets
 
 
-def _convert_tensor(ckpt, key, target, config, dtype, writer, bar) -> None:
+class _NonFinite:
+    """Counts NaN/inf values per HF key while tensors stream through `_convert_tensor` (no second read)."""
+
+    def __init__(self, ckpt: HFCheckpoint, dtype: np.dtype, refuse: bool):
+        self.ckpt, self.dtype, self.refuse = ckpt, dtype, refuse
+        self.counts: dict[str, int] = {}
+        self.overflow: dict[str, int] = {}
+
+    def check(self, key: str, source: np.ndarray, converted: np.ndarray, rows: tuple[int, int] | None) -> None:
+        bad = int(source.size - np.count_nonzero(np.isfinite(source)))
+        made = 0
+        if converted.dtype != source.dtype and converted.dtype.itemsize <= source.dtype.itemsize:  # may overflow
+            made = int(converted.size - np.count_nonzero(np.isfinite(converted))) - bad
+        if bad == 0 and made <= 0:
+            return
+        where = "" if rows is None else f" (rows {rows[0]}..{rows[1] - 1})"
+        if self.refuse:
+            if bad:
+                raise ConvertError(
+                    f"{self.ckpt.path(key)}: tensor {key} holds {bad:,} non-finite value(s) (NaN or inf){where}; "
+                    "the checkpoint is damaged or diverged in training: re-download it or use an earlier checkpoint"
+                )
+            raise ConvertError(
+                f"{self.ckpt.path(key)}: tensor {key} has {made:,} value(s){where} too large for "
+                f"{self.dtype.name}, which would become inf: convert with --dtype float32 or bfloat16"
+            )
+        if bad:
+            self.counts[key] = self.counts.get(key, 0) + bad
+        if made > 0:
+            self.overflow[key] = self.overflow.get(key, 0) + made
+
+    def report(self) -> None:
+        for key, n in self.counts.items():
+            size = int(np.prod(self.ckpt.tensors[key].shape))
+            log(
+                f"warning: {self.ckpt.path(key)}: tensor {key} holds {n:,} non-finite value(s) (NaN or inf) of "
+                f"{size:,}; converted as they are"
+            )
+        for key, n in self.overflow.items():
+            log(
+                f"warning: {self.ckpt.path(key)}: tensor {key} has {n:,} value(s) too large for {self.dtype.name}; "
+                "they became inf (convert with --dtype float32 or bfloat16 to keep them)"
+            )
+        if self.counts or self.overflow:
+            log(
+                f"warning: {len(self.counts.keys() | self.overflow.keys())} tensor(s) hold non-finite values, so the "
+                "converted model computes NaN/inf; --refuse-nonfinite makes this an error"
+            )
+
+
+def _convert_tensor(ckpt, key, target, config, dtype, writer, bar, nonfinite: _NonFinite) -> None:
     """Read one HF tensor, transform it by its key-table rule and write it into its slice of the JAX leaf.
 
     The cast happens while the tensor is contiguous; the layout transform then yields a (usually transposed) view
     that the writer copies into its chunks with TensorStore's strided copy. Large global tensors (embedding, LM
-    head) whose rule is an identity or a transpose go through in blocks of rows, one output chunk at a time.
+    head) whose rule is an identity or a transpose go through in blocks of rows, one output chunk at a time. Each
+    piece read is checked for NaN/inf (`_NonFinite`) before it is written.
     """
     info = ckpt.tensors[key]
     path = leaf_path(target.path)
     axis = row_axis(target.rule.to_jax, config) if len(info.shape) == 2 and not target.index else None
     if axis is None or info.nbytes <= common.BLOCK_BYTES:
-        value = ckpt.read(key).astype(dtype, copy=False)
+        source = ckpt.read(key)
+        with np.errstate(over="ignore"):
+            value = source.astype(dtype, copy=False)
+        nonfinite.check(key, source, value, None)
         writer.write(path, target.index, target.rule.to_jax(value, config))
         bar.step(info.nbytes)
         return
     blocks = row_blocks(info.shape[0], writer.chunk_shape(path)[axis])
     for n, (start, stop) in enumerate(blocks):
-        value = ckpt.read(key, (start, stop)).astype(dtype, copy=False)
+        source = ckpt.read(key, (start, stop))
+        with np.errstate(over="ignore"):
+            value = source.astype(dtype, copy=False)
+        nonfinite.check(key, source, value, (start, stop))
         index = (slice(start, stop),) if axis == 0 else (slice(None), slice(start, stop))
         writer.write(path, index, target.rule.to_jax(value, config))
         bar.step(info.nbytes * (stop - start) // info.shape[0], tensor_done=n == len(blocks) - 1)
@@ -154,9 +213,11 @@ def read_hf_config(hf_dir: str) -> DeepseekConfig:
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: missing; a HF checkpoint directory must contain config.json")
     try:
-        return DeepseekConfig.from_hf(path)
+        config = DeepseekConfig.from_hf(path)
     except ConfigError as e:
         raise ConvertError(str(e)) from None
+    declared_dtype(config, path)  # a torch_dtype / dtype that names no dtype is refused here, for every command
+    return config
 
 
 def convert_hf_to_jax(
@@ -167,6 +228,7 @@ def convert_hf_to_jax(
     compute_dtype: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    refuse_nonfinite: bool = False,
 ) -> ConversionSummary:
     """Convert the HF checkpoint in ``hf_dir`` into a JAX model directory ``out_dir``.
 
@@ -177,6 +239,8 @@ def convert_hf_to_jax(
         runs in its checkpoint dtype as in PyTorch.
       overwrite: replace an existing ``out_dir`` (only once the new one is complete).
       progress: show a tqdm progress bar (bytes and tensors).
+      refuse_nonfinite: stop with `ConvertError` at the first tensor holding NaN/inf (or values that overflow
+        ``dtype``); by default such tensors are converted as they are, with one warning line per HF key.
 
     Peak memory is one tensor (or one 16 MiB block of the embedding / LM head) plus at most 128 MiB of writes in
     flight (held about three times over while being copied and compressed), whatever the model's depth.
@@ -184,10 +248,9 @@ def convert_hf_to_jax(
     start = time.time()
     hf_dir = os.path.abspath(hf_dir)
     out_dir = os.path.abspath(out_dir)
-    if os.path.lexists(out_dir) and not overwrite:
-        raise ConvertError(f"{out_dir} already exists; choose another OUT_DIR or pass --overwrite to replace it")
+    check_output(out_dir, (hf_dir,), overwrite=overwrite)
     base = read_hf_config(hf_dir)
-    dtype = dtype or default_dtype(base)
+    dtype = dtype or default_dtype(base, os.path.join(hf_dir, "config.json"))
     config = base.with_options(param_dtype=dtype, dtype=compute_dtype or dtype)
     target_dtype = numpy_dtype(dtype)
     with HFCheckpoint.open(hf_dir) as ckpt:
@@ -201,15 +264,17 @@ def convert_hf_to_jax(
         with staging_dir(out_dir, overwrite=overwrite, inputs=(hf_dir,)) as tmp:
             writer = ParamsWriter(os.path.join(tmp, PARAMS_DIR), config)
             bar = progress_bar(source_bytes, len(targets), "hf-to-jax", progress)
+            nonfinite = _NonFinite(ckpt, target_dtype, refuse_nonfinite)
             try:
                 for key in iter_file_order(ckpt, targets):
-                    _convert_tensor(ckpt, key, targets[key], config, target_dtype, writer, bar)
+                    _convert_tensor(ckpt, key, targets[key], config, target_dtype, writer, bar, nonfinite)
                 writer.close()
             except BaseException:
                 writer.abort()
                 raise
             finally:
                 bar.close()
+            nonfinite.report()
             count = sum(int(np.prod(s.shape)) for s in writer.specs.values())
             write_config_files(
                 tmp,

@@ -19,17 +19,19 @@ from typing import Any
 
 from convert import common
 from convert.common import (
-    ConvertError,
+    SIDE_FILES,
+    check_output,
     copy_side_files,
     human_bytes,
     log,
     progress_bar,
+    remote_code_files,
     row_axis,
     row_blocks,
     staging_dir,
     with_stored_dtype,
 )
-from deepseekmoe_jax.checkpoint import ParamsReader, find_config_dir, leaf_path, read_config
+from deepseekmoe_jax.checkpoint import CONFIG_FILE, METADATA_FILE, ParamsReader, find_config_dir, leaf_path, read_config
 from deepseekmoe_jax.hf_io import (
     DEFAULT_MAX_SHARD_BYTES,
     SAFE_INDEX,
@@ -155,11 +157,15 @@ def convert_jax_to_hf(
     start = time.time()
     ckpt_dir = os.path.abspath(ckpt_dir)
     out_dir = os.path.abspath(out_dir)
-    if os.path.lexists(out_dir) and not overwrite:
-        raise ConvertError(f"{out_dir} already exists; choose another OUT_DIR or pass --overwrite to replace it")
     reader = ParamsReader(ckpt_dir)
     config_dir = find_config_dir(os.path.dirname(reader.params_dir))
     config = read_config(config_dir)
+    # What is read: the parameters and the files next to the config (a run directory also holds other things, so
+    # an output elsewhere inside it is fine).
+    names = (CONFIG_FILE, METADATA_FILE, *SIDE_FILES, *remote_code_files(config))
+    read_files = [os.path.join(config_dir, n) for n in names]
+    inputs = (ckpt_dir, *(p for p in read_files if os.path.lexists(p)))
+    check_output(out_dir, inputs, overwrite=overwrite)
     reader.check_matches(config)
     reader.check_complete()
     stored = reader.dtype(("model", "embed_tokens"))
@@ -174,7 +180,7 @@ def convert_jax_to_hf(
         f"jax-to-hf: {ckpt_dir} ({reader.layout}, {dtype_label(stored)}) -> {out_dir} ({len(plan)} tensors, "
         f"{human_bytes(total)} {dtype_label(out_dtype)}, {len(names)} file(s))"
     )
-    with staging_dir(out_dir, overwrite=overwrite, inputs=(ckpt_dir, config_dir)) as tmp:
+    with staging_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         bar = progress_bar(total, len(plan), "jax-to-hf", progress)
         pieces = _read_ahead(reader, _pieces(reader, plan, targets, config), READ_AHEAD_BYTES)
         try:

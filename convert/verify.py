@@ -5,12 +5,17 @@ any difference beyond float32 rounding comes from the conversion, not from bfloa
 the exact no-drop MoE dispatch (the evaluation default). ``num_layers`` truncates both models to their first
 layers (embedding, those layers, final norm and head), so a 16B checkpoint can be checked on a machine that cannot
 hold it twice in float32.
+
+Non-finite numbers never pass: a NaN or inf in either side's parameters or logits is a failure that names the side
+(JAX or PyTorch) and its first non-finite parameter (JAX path or HF key), and every comparison is written so that a
+NaN fails it (``max`` would otherwise skip a NaN batch, and ``NaN <= tolerance`` is merely False).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 
 import jax
@@ -35,18 +40,66 @@ from deepseekmoe_jax.hf_weights import iter_targets
 
 @dataclasses.dataclass(frozen=True)
 class ParityResult:
-    """``max_rel`` = max |JAX - torch| / max |torch logit| over all batches; ``top1`` = fraction of positions
-    whose argmax agrees."""
+    """``max_rel`` = max |JAX - torch| / max |torch logit| over all batches (NaN once any logit is non-finite);
+    ``top1`` = fraction of positions whose argmax agrees; ``problems`` = non-finite parameters or logits, one line
+    per side (any of them fails the check)."""
 
     max_rel: float
     max_abs: float
     top1: float
     tolerance: float
     num_layers: int
+    problems: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return bool(self.max_rel <= self.tolerance)
+        return not self.problems and math.isfinite(self.max_rel) and self.max_rel <= self.tolerance
+
+
+def _worse(a: float, b: float) -> float:
+    """The larger of two error measures; NaN if either is NaN (the built-in ``max`` keeps whichever comes first)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
+def _non_finite(value) -> int:
+    value = np.asarray(value)
+    return int(value.size - np.count_nonzero(np.isfinite(value)))
+
+
+@dataclasses.dataclass
+class _Side:
+    """What verify records about one side's numbers: its first non-finite parameter and non-finite logits."""
+
+    name: str  # "JAX" or "PyTorch"
+    what: str  # how its parameters are named
+    first_bad: tuple[str, int] | None = None  # (parameter, count of NaN/inf values)
+    bad_params: int = 0
+    bad_logits: int = 0
+    logits: int = 0
+    bad_batches: int = 0
+
+    def scan(self, name: str, value) -> None:
+        n = _non_finite(value)
+        if n:
+            self.bad_params += 1
+            if self.first_bad is None:
+                self.first_bad = (name, n)
+
+    def problem(self) -> str | None:
+        first = ""
+        if self.first_bad is not None:
+            name, n = self.first_bad
+            more = f" ({self.bad_params} parameters hold NaN/inf)" if self.bad_params > 1 else ""
+            first = f"first non-finite parameter {self.what} {name} ({n:,} NaN/inf value(s)){more}"
+        if self.bad_logits:
+            logits = (
+                f"{self.name} logits are non-finite: {self.bad_logits:,} of {self.logits:,} values NaN/inf in "
+                f"{self.bad_batches} batch(es)"
+            )
+            return f"{logits}; {first}" if first else f"{logits}, although every parameter is finite (overflow?)"
+        if first:
+            return f"{self.name} parameters are non-finite: {first}"
+        return None
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -75,7 +128,7 @@ def _truncated(config: DeepseekConfig, num_layers: int | None) -> DeepseekConfig
     )
 
 
-def _jax_params(reader: ParamsReader, full: DeepseekConfig, sub: DeepseekConfig) -> dict:
+def _jax_params(reader: ParamsReader, full: DeepseekConfig, sub: DeepseekConfig, side: _Side) -> dict:
     """The parameters of the truncated model ``sub``, read slice by slice from the full checkpoint."""
     specs = param_specs(sub)
     params = {p: np.zeros(s.shape, np.float32) for p, s in specs.items()}
@@ -95,6 +148,8 @@ def _jax_params(reader: ParamsReader, full: DeepseekConfig, sub: DeepseekConfig)
             dst[target.index] = value
         else:
             dst[...] = value
+    for path, value in params.items():
+        side.scan("/".join(path), value)
     return params
 
 
@@ -117,6 +172,8 @@ def verify_parity(
     for name, value in (("batches", batches), ("batch_size", batch_size), ("seq_len", seq_len)):
         if value < 1:  # nothing would be compared, and the check would pass vacuously
             raise ConvertError(f"{name}={value}: must be at least 1")
+    if not (isinstance(tolerance, int | float) and math.isfinite(tolerance) and tolerance >= 0):
+        raise ConvertError(f"--tolerance {tolerance}: must be a finite number >= 0 (default 1e-4)")
     _require_torch()
     import torch
 
@@ -134,11 +191,6 @@ def verify_parity(
             f"{hf_dir} and {jax_dir} describe different models: config.json field {k} is {a[k]!r} vs {b.get(k)!r}"
             f"{f' ({len(diff)} fields differ)' if len(diff) > 1 else ''}"
         )
-    if jax_config.norm_topk_prob and jax_config.is_moe and jax_config.num_experts_per_tok > 1:
-        raise ConvertError(
-            "norm_topk_prob=true: the transformers-based reference never renormalises top-k weights, so it cannot "
-            "check this model"
-        )
     reader.check_matches(jax_config)
     reader.check_complete()
     sub = _truncated(jax_config, num_layers)
@@ -147,16 +199,19 @@ def verify_parity(
         f"{batches} batch(es) of {batch_size} x {seq_len} random tokens, float32, tolerance {tolerance:g}"
     )
 
+    torch_side, jax_side = _Side("PyTorch", "(HF key)"), _Side("JAX", "(JAX path)")
     with HFCheckpoint.open(hf_dir) as ckpt:
         check_against_config(ckpt, hf_config)
         state = {}
         for key, _ in iter_targets(sub):
-            state[key] = torch.from_numpy(np.asarray(ckpt.read(key), dtype=np.float32))
+            value = np.asarray(ckpt.read(key), dtype=np.float32)
+            torch_side.scan(key, value)
+            state[key] = torch.from_numpy(value)
     reference = build_reference(sub, seed=seed)
     load_reference_state_dict(reference, state, sub)
     del state
 
-    model = model_from_params(sub, _jax_params(reader, jax_config, sub))
+    model = model_from_params(sub, _jax_params(reader, jax_config, sub, jax_side))
     model.eval()
     graphdef, model_state = nnx.split(model)
 
@@ -167,10 +222,23 @@ def verify_parity(
         ids = rng.integers(0, sub.vocab_size, (batch_size, seq_len))
         ref = reference_logits(reference, ids)
         got = np.asarray(_logits(graphdef, model_state, jnp.asarray(ids, jnp.int32)))
-        abs_diff = float(np.max(np.abs(got - ref)))
-        rel = abs_diff / max(float(np.max(np.abs(ref))), 1e-30)
+        finite = True
+        for side, logits in ((torch_side, ref), (jax_side, got)):
+            bad = _non_finite(logits)
+            side.logits += logits.size
+            if bad:
+                side.bad_logits += bad
+                side.bad_batches += 1
+                finite = False
+        if finite:
+            abs_diff = float(np.max(np.abs(got - ref)))
+            rel = abs_diff / max(float(np.max(np.abs(ref))), 1e-30)
+        else:
+            abs_diff = rel = math.nan
         agree += int(np.sum(got.argmax(-1) == ref.argmax(-1)))
         total += ids.size
-        worst_rel, worst_abs = max(worst_rel, rel), max(worst_abs, abs_diff)
-        log(f"verify: batch {n}: max |diff| {abs_diff:.3e}, relative to max |logit| {rel:.3e}")
-    return ParityResult(worst_rel, worst_abs, agree / max(total, 1), tolerance, sub.num_hidden_layers)
+        worst_rel, worst_abs = _worse(worst_rel, rel), _worse(worst_abs, abs_diff)
+        note = "" if finite else " (non-finite logits)"
+        log(f"verify: batch {n}: max |diff| {abs_diff:.3e}, relative to max |logit| {rel:.3e}{note}")
+    problems = tuple(p for p in (jax_side.problem(), torch_side.problem()) if p)
+    return ParityResult(worst_rel, worst_abs, agree / max(total, 1), tolerance, sub.num_hidden_layers, problems)

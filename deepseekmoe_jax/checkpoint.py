@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -43,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 from deepseekmoe_jax.config import ConfigError, DeepseekConfig, ModelOptions
-from deepseekmoe_jax.fs import make_staging_dir, publish_directory, write_text_atomically
+from deepseekmoe_jax.fs import make_staging_dir, publish_directory, remove_stale_staging, write_text_atomically
 from deepseekmoe_jax.sharding import abstract_param_state, key_path
 
 PARAMS_DIR = "params"
@@ -133,7 +134,8 @@ def save_checkpoint(model: nnx.Module, directory: str | os.PathLike, *, overwrit
     In a multi-process run every process must call this with the same ``directory`` on a filesystem they share:
     each writes the shards of the parameters it holds, and process 0 writes the config files and renames the
     finished directory into place. A failure in any process (outside Orbax's own collective write) is raised in
-    every process, and the staging directory is removed.
+    every process, and the staging directory is removed. Staging directories of ``directory`` that a killed
+    writer left behind (its process is gone) are removed first, with one line on stderr each.
     """
     import orbax.checkpoint as ocp
 
@@ -175,6 +177,8 @@ def save_checkpoint(model: nnx.Module, directory: str | os.PathLike, *, overwrit
         if not primary:
             return
         os.makedirs(parent, exist_ok=True)
+        for stale in remove_stale_staging(directory):
+            print(f"removed {stale}: a staging directory of {directory} left by an interrupted save", file=sys.stderr)
         if multi_process:
             shutil.rmtree(shared_tmp, ignore_errors=True)
             os.makedirs(shared_tmp)

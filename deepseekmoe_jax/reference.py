@@ -8,7 +8,9 @@ weights in the v1 checkpoint layout (fused expert tensors split back into per-ex
 a ``deepseek-moe-16b`` checkpoint holds. `load_reference_state_dict` does the opposite.
 
 Known differences from the v1 remote code (the reason tests use float32): ``DeepseekV2Moe`` computes the gate in
-float32, never applies ``norm_topk_prob`` and has no auxiliary loss.
+float32 and has no auxiliary loss. ``DeepseekV2Moe`` never renormalises its top-k weights; for a config with
+``norm_topk_prob`` (and k > 1) `build_reference` adds that step to every MoE gate (a forward hook, no extra
+weights), as the v1 spec writes it: ``w / (sum(w) + 1e-20)``.
 """
 
 from __future__ import annotations
@@ -37,8 +39,6 @@ def build_reference(config: DeepseekConfig, *, seed: int = 0, std: float = 0.02,
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
     c = config
-    if c.norm_topk_prob and c.is_moe and c.num_experts_per_tok > 1:
-        raise ValueError("the transformers-based reference never renormalises top-k weights (norm_topk_prob)")
     dtype = dtype or torch.float32
     llama = LlamaConfig(
         vocab_size=c.vocab_size,
@@ -84,6 +84,8 @@ def build_reference(config: DeepseekConfig, *, seed: int = 0, std: float = 0.02,
                 with warnings.catch_warnings():  # a zero-width shared MLP (no shared experts) warns at init
                     warnings.filterwarnings("ignore", "Initializing zero-element tensors")
                     model.model.layers[i].mlp = DeepseekV2Moe(moe_cfg)
+                if c.norm_topk_prob and c.num_experts_per_tok > 1:
+                    model.model.layers[i].mlp.gate.register_forward_hook(_renormalise_top_k)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -92,6 +94,13 @@ def build_reference(config: DeepseekConfig, *, seed: int = 0, std: float = 0.02,
             else:
                 p.copy_(std * torch.randn(p.shape, generator=gen))
     return model.to(dtype).eval()
+
+
+def _renormalise_top_k(_module, _inputs, output):
+    """Forward hook on a ``DeepseekV2TopkRouter``: its top-k weights divided by their sum (+ 1e-20), the v1
+    ``norm_topk_prob`` step (``routed_scaling_factor`` is 1, so scaling before or after makes no difference)."""
+    router_logits, weights, indices = output
+    return router_logits, weights / (weights.sum(dim=-1, keepdim=True) + 1e-20), indices
 
 
 def reference_state_dict(model, config: DeepseekConfig) -> dict:

@@ -409,7 +409,7 @@ def test_overwrite_replaces_the_old_output(hf, tmp_path):
 def test_output_may_not_replace_the_input(hf, capsys):
     before = sorted(os.listdir(hf))
     assert main(["hf-to-jax", hf, hf, "--overwrite", "--no-progress"]) == 2
-    assert "would replace the input" in capsys.readouterr().err
+    assert "the output is the input" in capsys.readouterr().err
     assert sorted(os.listdir(hf)) == before
 
 
