@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -23,8 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseekmoe_jax.checkpoint import METADATA_FILE, CheckpointError, find_config_dir, load_checkpoint
-from deepseekmoe_jax.config import ConfigError
+from deepseekmoe_jax.checkpoint import (
+    CONFIG_FILE,
+    METADATA_FILE,
+    CheckpointError,
+    find_config_dir,
+    load_checkpoint,
+    read_config,
+)
+from deepseekmoe_jax.config import ConfigError, DeepseekConfig
 from deepseekmoe_jax.train.tokenizer import Tokenizer, TokenizerError, load_tokenizer, tokenizer_from_arg
 
 
@@ -47,21 +55,79 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
     )
 
 
-def checkpoint_tokenizer(checkpoint: str) -> Tokenizer:
+DTYPES = ("bfloat16", "float32", "float16")
+
+
+def _first_id(value) -> int | None:
+    """A config's ``eos_token_id`` / ``bos_token_id`` (an int, a list of them, or null) -> one id or None."""
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _tokenizer_fallbacks(directory: str, config: DeepseekConfig | None) -> dict:
+    """For a tokenizer.json without the usual eos/bos strings: the model config's ids, and what to do otherwise
+    (this command has no --eos-token)."""
+    config_path = os.path.join(directory, CONFIG_FILE).replace("{", "{{").replace("}", "}}")
+    return {
+        "eos_id": _first_id(config.eos_token_id) if config is not None else None,
+        "bos_id": _first_id(config.bos_token_id) if config is not None else None,
+        "hint": f"set {{what}}_token_id in {config_path} (or sample with --tokenizer bytes / --tokenizer PATH)",
+    }
+
+
+def checkpoint_tokenizer(checkpoint: str, config: DeepseekConfig | None = None) -> Tokenizer:
     """The tokenizer recorded with a checkpoint: the ``tokenizer`` entry of ``deepseekmoe_jax.json`` (written by
-    train.py), else a ``tokenizer.json`` next to the config files."""
+    train.py), else a ``tokenizer.json`` next to the config files. A tokenizer.json whose vocabulary has none of the
+    usual eos/bos strings (common in converted checkpoints) takes ``config``'s ``eos_token_id``/``bos_token_id``."""
     directory = find_config_dir(checkpoint)
+    fallbacks = _tokenizer_fallbacks(directory, config)
     meta_path = os.path.join(directory, METADATA_FILE)
     if os.path.isfile(meta_path):
         with open(meta_path, encoding="utf-8") as f:
             desc = json.load(f).get("tokenizer")
         if desc:
-            return load_tokenizer(desc, directory)
+            return load_tokenizer(desc, directory, **fallbacks)
     if os.path.isfile(os.path.join(directory, "tokenizer.json")):
-        return tokenizer_from_arg(os.path.join(directory, "tokenizer.json"))
+        return tokenizer_from_arg(os.path.join(directory, "tokenizer.json"), **fallbacks)
     raise TokenizerError(
         f"{directory}: no tokenizer recorded with this checkpoint; pass --tokenizer bytes or --tokenizer PATH"
     )
+
+
+def _tokenizer_name(tokenizer: Tokenizer) -> str:
+    path = getattr(tokenizer, "path", None)
+    return f"tokenizer {path}" if path else "the byte-level tokenizer ('bytes')"
+
+
+def check_prompt_ids(ids: Sequence[int], vocab_size: int, tokenizer: Tokenizer) -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer that does not belong to the model)."""
+    for i in ids:
+        if not 0 <= int(i) < vocab_size:
+            raise TokenizerError(
+                f"prompt token id {int(i)} from {_tokenizer_name(tokenizer)} is outside the model's vocabulary "
+                f"(vocab_size {vocab_size}: ids 0..{vocab_size - 1}); this tokenizer does not belong to the model: "
+                "pass the model's own with --tokenizer"
+            )
+
+
+def _finite_float(text: str) -> float:
+    """argparse type: a finite float (``nan``/``inf`` would make every comparison with the limits meaningless)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors end in one ``error: ...`` line (exit status 2), like every other bad input."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n")
 
 
 def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -136,27 +202,35 @@ def generate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m deepseekmoe_jax.sample",
         description="Generate text from a deepseekmoe-jax checkpoint (full re-forward per token; for small models).",
     )
     parser.add_argument("--checkpoint", required=True, help="a checkpoint step directory, model directory or run dir")
     parser.add_argument("--prompt", default="", help="text to continue (default: start from the eos token)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--temperature", type=_finite_float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-p", type=_finite_float, default=0.95, help="nucleus sampling mass (1 = off)")
     parser.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens (0 = off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", help="override: 'bytes' or a tokenizer.json path")
-    parser.add_argument("--dtype", help="parameter dtype to load into (e.g. bfloat16); default: as saved")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, help="parameter dtype to load into (bfloat16, float32, float16); default: as saved"
+    )
     args = parser.parse_args(argv)
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1:
         parser.error("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-new-tokens >= 1")
     try:
         path = resolve_checkpoint(args.checkpoint)
-        tokenizer = tokenizer_from_arg(args.tokenizer) if args.tokenizer else checkpoint_tokenizer(path)
-        model = load_checkpoint(path, dtype=args.dtype)
+        config = read_config(find_config_dir(path))
+        if args.tokenizer:
+            fallbacks = _tokenizer_fallbacks(find_config_dir(path), config)
+            tokenizer = tokenizer_from_arg(args.tokenizer, **fallbacks)
+        else:
+            tokenizer = checkpoint_tokenizer(path, config)
         ids = tokenizer.encode(args.prompt).tolist() if args.prompt else [tokenizer.eos_id]
+        check_prompt_ids(ids, config.vocab_size, tokenizer)
+        model = load_checkpoint(path, dtype=args.dtype)
         eos = model.config.eos_token_id
         eos = eos[0] if isinstance(eos, tuple) else eos
         new = generate(

@@ -77,10 +77,30 @@ class ByteTokenizer:
         }
 
 
-class HFTokenizer:
-    """A Hugging Face ``tokenizer.json`` loaded with the ``tokenizers`` library (no special tokens added)."""
+# What to do when no eos/bos token is found and the caller gave no hint: train.py prepare's options.
+PREPARE_HINT = "name it with --{what}-token"
 
-    def __init__(self, path: str | os.PathLike, eos_token: str | None = None, bos_token: str | None = None):
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` loaded with the ``tokenizers`` library (no special tokens added).
+
+    The eos (and bos) token is ``eos_token`` when given, else the first of the usual names (`EOS_CANDIDATES`) in the
+    vocabulary, else the id ``eos_id`` (e.g. a model config's ``eos_token_id``) when given. When none applies,
+    `TokenizerError` says so and ends with ``hint`` (``{what}`` becomes ``eos``/``bos``; default `PREPARE_HINT`),
+    so each command can tell its user what it offers.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        eos_token: str | None = None,
+        bos_token: str | None = None,
+        *,
+        eos_id: int | None = None,
+        bos_id: int | None = None,
+        hint: str | None = None,
+    ):
+        self._hint = PREPARE_HINT if hint is None else hint
         try:
             from tokenizers import Tokenizer as _Tok
         except ImportError:
@@ -96,17 +116,17 @@ class HFTokenizer:
         except Exception as e:  # the tokenizers library raises plain Exception subclasses
             raise TokenizerError(f"{self.path}: cannot load as a tokenizer.json ({e})") from None
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
-        self.eos_id = self._find(eos_token, EOS_CANDIDATES, "eos")
+        self.eos_id = self._find(eos_token, EOS_CANDIDATES, "eos", eos_id)
         self.eos_token = self._tok.id_to_token(self.eos_id)
         try:
-            self.bos_id = self._find(bos_token, BOS_CANDIDATES, "bos")
+            self.bos_id = self._find(bos_token, BOS_CANDIDATES, "bos", bos_id)
         except TokenizerError:
             if bos_token is not None:
                 raise
             self.bos_id = None
         self.pad_id = None
 
-    def _find(self, given: str | None, candidates, what: str) -> int:
+    def _find(self, given: str | None, candidates, what: str, fallback_id: int | None = None) -> int:
         names = (given,) if given is not None else candidates
         for name in names:
             i = self._tok.token_to_id(name)
@@ -114,8 +134,15 @@ class HFTokenizer:
                 return int(i)
         if given is not None:
             raise TokenizerError(f"{self.path}: the {what} token {given!r} is not in this tokenizer's vocabulary")
+        if fallback_id is not None:
+            if not 0 <= fallback_id < self.vocab_size:
+                raise TokenizerError(
+                    f"{self.path}: found none of the usual {what} tokens, and the {what} id {fallback_id} is outside "
+                    f"this tokenizer's {self.vocab_size} ids; {self._hint.format(what=what)}"
+                )
+            return int(fallback_id)
         raise TokenizerError(
-            f"{self.path}: found none of the usual {what} tokens {list(candidates)}; name it with --{what}-token"
+            f"{self.path}: found none of the usual {what} tokens {list(candidates)}; {self._hint.format(what=what)}"
         )
 
     def encode(self, text: str | bytes) -> np.ndarray:
@@ -146,17 +173,21 @@ class HFTokenizer:
         }
 
 
-def tokenizer_from_arg(arg: str, eos_token: str | None = None, bos_token: str | None = None) -> Tokenizer:
-    """``"bytes"`` or a path to a ``tokenizer.json`` (or a directory holding one)."""
+def tokenizer_from_arg(
+    arg: str, eos_token: str | None = None, bos_token: str | None = None, **fallbacks: Any
+) -> Tokenizer:
+    """``"bytes"`` or a path to a ``tokenizer.json`` (or a directory holding one); ``fallbacks`` (``eos_id``,
+    ``bos_id``, ``hint``) go to `HFTokenizer`."""
     if arg == "bytes":
         return ByteTokenizer()
     if not os.path.exists(arg):
         raise TokenizerError(f"--tokenizer {arg}: no such file; give 'bytes' or the path of a tokenizer.json")
-    return HFTokenizer(arg, eos_token=eos_token, bos_token=bos_token)
+    return HFTokenizer(arg, eos_token=eos_token, bos_token=bos_token, **fallbacks)
 
 
-def load_tokenizer(description: dict[str, Any], directory: str | os.PathLike) -> Tokenizer:
-    """Rebuild a tokenizer from its `describe` dict; a HF tokenizer's file is looked up in ``directory``."""
+def load_tokenizer(description: dict[str, Any], directory: str | os.PathLike, **fallbacks: Any) -> Tokenizer:
+    """Rebuild a tokenizer from its `describe` dict; a HF tokenizer's file is looked up in ``directory``
+    (``fallbacks`` as in `tokenizer_from_arg`)."""
     kind = description.get("type")
     if kind == "bytes":
         if description.get("offset", BYTE_OFFSET) != BYTE_OFFSET:
@@ -166,5 +197,5 @@ def load_tokenizer(description: dict[str, Any], directory: str | os.PathLike) ->
         path = os.path.join(os.fspath(directory), description.get("file", "tokenizer.json"))
         if not os.path.isfile(path):
             raise TokenizerError(f"{path}: missing; the tokenizer.json this data was made with should be here")
-        return HFTokenizer(path, eos_token=description.get("eos_token"))
+        return HFTokenizer(path, eos_token=description.get("eos_token"), **fallbacks)
     raise TokenizerError(f"unknown tokenizer type {kind!r} in {description}")
