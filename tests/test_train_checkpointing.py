@@ -5,10 +5,9 @@ import numpy as np
 import optax
 import pytest
 
-from deepseekmoe_jax.checkpoint import CheckpointError
 from deepseekmoe_jax.sharding import make_mesh, replicated
 from deepseekmoe_jax.train import TrainError, run_config_from_dict
-from deepseekmoe_jax.train.checkpointing import RunCheckpointer
+from deepseekmoe_jax.train.checkpointing import CheckpointMismatch, DamagedCheckpoint, RunCheckpointer, state_checksums
 from deepseekmoe_jax.train.loop import check_resume
 from deepseekmoe_jax.train.step import TrainState
 
@@ -45,7 +44,11 @@ def saved(tmp_path):
 def test_train_state_round_trip(saved):
     run_dir, mesh, state = saved
     ckpt = RunCheckpointer(run_dir)
-    assert ckpt.read_train_state(5) == {"step": 5, "rng": [7, 9], **HOST}
+    meta = ckpt.read_train_state(5)
+    sums = meta.pop("checksums")
+    assert meta == {"step": 5, "rng": [7, 9], **HOST}
+    assert sums == state_checksums({"params": state.params, "opt_state": state.opt_state})
+    assert "params/w" in sums and all(len(v) == 2 for v in sums.values())
     restored, meta = ckpt.restore(5, _abstract(state))
     ckpt.close()
     assert meta["seq_len"] == 16 and meta["seed"] == 3
@@ -59,7 +62,7 @@ def test_an_optimizer_of_another_structure_is_a_clear_error(saved):
     unclipped = _state(optax.adamw(1e-3), mesh)  # what train.grad_clip=0 builds: no clipping state in the chain
     ckpt = RunCheckpointer(run_dir)
     step_dir = ckpt.step_dir(5)
-    with pytest.raises(CheckpointError, match=rf"^{step_dir}: cannot restore the parameters and optimizer state"):
+    with pytest.raises(CheckpointMismatch, match=rf"^{step_dir}: cannot restore the parameters and optimizer state"):
         ckpt.restore(5, _abstract(unclipped))
     ckpt.close()
 
@@ -69,7 +72,7 @@ def test_a_train_state_without_a_required_key_is_a_clear_error(tmp_path):
     state = _state(optax.adamw(1e-3), mesh)
     ckpt = RunCheckpointer(tmp_path / "run", async_save=False)
     ckpt.save(state, {"data_position": 24, "seed": 3})  # as written before seq_len was recorded
-    with pytest.raises(CheckpointError, match=r"checkpoints/5: train_state lacks \['seq_len'\]"):
+    with pytest.raises(DamagedCheckpoint, match=r"checkpoints/5: damaged checkpoint: train_state lacks \['seq_len'\]"):
         ckpt.restore(5, _abstract(state))
     ckpt.close()
 

@@ -1,8 +1,9 @@
 """Training: settings, data (token files and ``prepare``), optimizer and schedule, the jitted step, the loop with
 checkpointing and metrics, and the model-FLOPs count. ``train.py`` at the repository root is the command line."""
 
+from deepseekmoe_jax.train.checkpointing import CheckpointMismatch, DamagedCheckpoint
 from deepseekmoe_jax.train.data import DataError, TokenDataset, prepare
-from deepseekmoe_jax.train.loop import EXIT_TERMINATED, NonFiniteLoss, TrainError, TrainResult, train
+from deepseekmoe_jax.train.loop import EXIT_TERMINATED, NonFiniteLoss, RunDirLocked, TrainError, TrainResult, train
 from deepseekmoe_jax.train.settings import (
     DataSettings,
     MeshSettings,
@@ -14,11 +15,14 @@ from deepseekmoe_jax.train.settings import (
 
 __all__ = [
     "EXIT_TERMINATED",
+    "CheckpointMismatch",
+    "DamagedCheckpoint",
     "DataError",
     "DataSettings",
     "MeshSettings",
     "NonFiniteLoss",
     "RunConfig",
+    "RunDirLocked",
     "TokenDataset",
     "TrainError",
     "TrainResult",

@@ -1,9 +1,25 @@
 """The training loop: set up mesh, data, model and optimizer; run, evaluate, log and checkpoint; resume.
 
-`train` is what ``python train.py`` calls. It resumes from the newest checkpoint in ``train.run_dir`` when there
-is one (exactly: parameters, optimizer state, step, data position and RNG come back, and the same compiled step
-runs on the same batches), handles SIGTERM/SIGINT by saving before it returns, and stops on a non-finite loss
-naming the step while keeping the last good checkpoint.
+`train` is what ``python train.py`` calls. It resumes from the newest intact checkpoint in ``train.run_dir`` when
+there is one (exactly: parameters, optimizer state, step, data position and RNG come back, and the same compiled
+step runs on the same batches), and stops on a non-finite loss naming the step while keeping the last good
+checkpoint.
+
+Reliability:
+
+- Damaged checkpoints (missing, truncated or altered files, garbled metadata, a hand-edited train_state, an empty
+  stray step directory, arrays that fail their checksums) are skipped with one line each and moved to
+  ``RUN/damaged_checkpoints/`` once an older intact one has been restored, so that neither resume nor the
+  retention of ``train.keep_checkpoints`` counts them. If every checkpoint is damaged the run refuses to start
+  (it does not silently start afresh). A checkpoint written with other model/optimizer settings is not damage: it
+  stops the run with the message to restore those settings.
+- SIGTERM and a first SIGINT are handled for the whole of `train` (set-up, the loop, the final save and the final
+  evaluation): during set-up the run exits as "terminated" (nothing new to save), during the loop it saves and
+  exits, after the last step the final save and evaluation still complete. A second SIGINT raises
+  KeyboardInterrupt. A rerun of a completed run whose final evaluation is missing from ``metrics.jsonl`` runs it.
+- One process at a time: ``RUN/.lock`` is held (``flock``, by process 0 of a multi-process run) for the whole run;
+  the kernel releases it when the holder ends, however it ends.
+- An output directory that cannot be written is reported before anything is compiled.
 """
 
 from __future__ import annotations
@@ -11,10 +27,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import datetime
+import errno
 import math
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -29,12 +48,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from deepseekmoe_jax import distributed
 from deepseekmoe_jax import sharding as sh
-from deepseekmoe_jax.checkpoint import CONFIG_FILE, read_config, write_config_files
+from deepseekmoe_jax.checkpoint import CONFIG_FILE, CheckpointError, read_config, write_config_files
 from deepseekmoe_jax.config import ConfigError
 from deepseekmoe_jax.fs import write_text_atomically
 from deepseekmoe_jax.model import DeepseekForCausalLM, moe_layer_indices, param_count
 from deepseekmoe_jax.train import flops as flops_lib
-from deepseekmoe_jax.train.checkpointing import RunCheckpointer
+from deepseekmoe_jax.train.checkpointing import (
+    CHECKPOINT_DIR,
+    CHECKSUMS_KEY,
+    DAMAGED_DIR,
+    DamagedCheckpoint,
+    RunCheckpointer,
+)
 from deepseekmoe_jax.train.data import (
     DATASET_FILE,
     BatchSource,
@@ -44,13 +69,14 @@ from deepseekmoe_jax.train.data import (
     prepare,
     stdlib_sources,
 )
-from deepseekmoe_jax.train.metrics import MetricsLogger
+from deepseekmoe_jax.train.metrics import JSONL_FILE, MetricsLogger, has_record
 from deepseekmoe_jax.train.optim import decay_mask, make_optimizer, make_schedule
 from deepseekmoe_jax.train.settings import MeshSettings, RunConfig, precision_warnings
 from deepseekmoe_jax.train.step import ModelBuilder, TrainState, make_eval_step, make_train_step
 from deepseekmoe_jax.train.tokenizer import ByteTokenizer
 
 RUN_CONFIG_FILE = "run_config.yaml"
+LOCK_FILE = ".lock"
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on request
 
 
@@ -65,6 +91,14 @@ class NonFiniteLoss(TrainError):
         super().__init__(message)
         self.step = step
         self.checkpoint = checkpoint
+
+
+class RunDirLocked(TrainError):
+    """Another training process holds the run directory's lock; ``holder`` is what it wrote there."""
+
+    def __init__(self, message: str, holder: str):
+        super().__init__(message)
+        self.holder = holder
 
 
 @dataclasses.dataclass
@@ -144,6 +178,99 @@ def display_path(path: str) -> str:
     """``path`` as printed to the user: relative to the working directory when it lies inside it."""
     rel = os.path.relpath(path)
     return path if rel.startswith("..") else rel
+
+
+def check_output_dir(run_dir: str) -> None:
+    """Create ``run_dir`` if needed and make sure files can be written in it (and in its checkpoints/ and
+    damaged_checkpoints/ if present): `TrainError` naming the path otherwise, before anything is compiled."""
+    probe = run_dir
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise TrainError(f"train.run_dir={run_dir}: {probe} is a file, not a directory; choose another train.run_dir")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise TrainError(
+            f"train.run_dir={run_dir}: cannot create it ({e.strerror or e}); choose a writable train.run_dir"
+        ) from None
+    for sub in ("", CHECKPOINT_DIR, DAMAGED_DIR):
+        path = os.path.join(run_dir, sub) if sub else run_dir
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise TrainError(f"{path} is not a directory; move it away or choose another train.run_dir")
+        if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+            raise TrainError(f"{path} is not writable (permission denied); choose a writable train.run_dir")
+
+
+class RunLock:
+    """An exclusive lock on a run directory: ``flock`` on ``RUN/.lock``, which holds the holder's host, pid and
+    start time as text. The kernel releases the lock when the holding process ends, however it ends, so a lock
+    file left by a killed run does not block; the file itself is removed on `release`."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, LOCK_FILE)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise TrainError(f"{self.path}: cannot create the run lock ({e.strerror or e})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise TrainError(f"{self.path}: cannot lock the run directory ({e.strerror or e})") from None
+                raise RunDirLocked(
+                    f"{os.path.dirname(self.path)} is in use by another training process ({holder}); it is free "
+                    "once that process ends: wait for it, stop it, or use another train.run_dir",
+                    holder,
+                ) from None
+            try:  # the holder before us may have removed the file between our open and our lock: lock anew
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        text = f"host {socket.gethostname()} pid {os.getpid()} since {started}\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text.encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.path)  # while still locked, so no other process holds a lock on this file
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 400, 0).decode("utf-8", errors="replace").strip()
+    except OSError:
+        text = ""
+    return text or "holder unknown: it has not written its host and pid yet"
+
+
+def _agree(error: BaseException | None, what: str) -> None:
+    """Raise ``error`` on this process, or on every process if any of a multi-process run failed ``what``."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
+        if error is None and failed.any():
+            error = TrainError(f"{what} failed on process(es) {np.flatnonzero(failed).tolist()}; see their output")
+    if error is not None:
+        raise error
 
 
 def check_run_dir(run: RunConfig, resuming: bool) -> None:
@@ -372,12 +499,46 @@ def initial_params(run: RunConfig, mesh, rules, say) -> dict:
 
 
 def start_state(run, layout: StateLayout, checkpointer: RunCheckpointer, mesh, rules, say) -> tuple[TrainState, int]:
-    """The newest checkpoint of the run directory if there is one, else a fresh state; and the data position."""
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        say(f"resuming from {checkpointer.step_dir(latest)}")
-        state, host = checkpointer.restore(latest, layout.abstract)
+    """The newest intact checkpoint of the run directory if there is one, else a fresh state; and the data
+    position.
+
+    Damaged checkpoints newer than the one restored are moved to ``RUN/damaged_checkpoints/`` with one line
+    each. A checkpoint of other settings (`CheckpointMismatch`, or `check_resume`'s `TrainError`) stops the
+    search: older ones were written with the same settings. If there are checkpoints and all are damaged,
+    `CheckpointError` (nothing is moved).
+    """
+    damaged: list[DamagedCheckpoint] = []
+    for step in reversed(checkpointer.all_steps()):
+        step_dir = checkpointer.step_dir(step)
+        try:
+            state, host = checkpointer.restore(
+                step, layout.abstract, check=lambda meta, where=step_dir: check_resume(run, meta, where)
+            )
+        except DamagedCheckpoint as e:
+            damaged.append(e)
+            continue
+        say(f"resuming from {step_dir}")
+        if host.get(CHECKSUMS_KEY) is None:
+            say(f"note: {display_path(step_dir)} records no checksums (saved by an older version); not verified")
+        moved = []
+        if distributed.is_main_process():
+            moved = [checkpointer.move_aside(int(os.path.basename(e.step_dir))) for e in damaged]
+        distributed.barrier("damaged checkpoints moved aside")
+        if damaged:
+            checkpointer.reload()
+        for e, target in zip(damaged, moved, strict=False):
+            where, moved_to = display_path(e.step_dir), display_path(target)
+            say(f"skipped damaged checkpoint {where}: {e.reason}; moved it to {moved_to}")
         return state, int(host["data_position"])
+    if damaged:
+        newest = damaged[0]
+        others = [os.path.basename(e.step_dir) for e in damaged[1:]]
+        raise CheckpointError(
+            f"every checkpoint in {checkpointer.directory} is damaged, so there is nothing to resume from: "
+            f"{newest}" + (f"; steps {', '.join(others)} are damaged too" if others else "") + ". Move the step "
+            f"directories out of {checkpointer.directory} (e.g. into {os.path.join(run.train.run_dir, DAMAGED_DIR)})"
+            " to start this run afresh, or use another train.run_dir"
+        )
     params = initial_params(run, mesh, rules, say)
     put = lambda x: jax.device_put(x, layout.replicated)
     state = TrainState(
@@ -427,12 +588,24 @@ def data_sources(run: RunConfig, say) -> tuple[TokenDataset, BatchSource, BatchS
 def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
     """Run (or resume) the training described by ``run``; see the module docstring.
 
-    Raises `TrainError` (bad settings, `NonFiniteLoss`), `ConfigError`, `DataError`, `ShardingError` or
-    `CheckpointError` with a message naming what to fix. Returns a `TrainResult`.
+    Raises `TrainError` (bad settings, `NonFiniteLoss`, `RunDirLocked`), `ConfigError`, `DataError`,
+    `ShardingError` or `CheckpointError` with a message naming what to fix, and KeyboardInterrupt on a second
+    SIGINT. Returns a `TrainResult`.
     """
     run = dataclasses.replace(run, train=dataclasses.replace(run.train, run_dir=os.path.abspath(run.train.run_dir)))
+    # The stop handler covers everything, set-up and the final save and evaluation included.
+    with _stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
+        return _train(run, stop, cleanup, progress=progress, log=log)
+
+
+def _signal_name(stop) -> str:
+    return signal.Signals(getattr(stop, "signum", signal.SIGTERM)).name
+
+
+def _train(run: RunConfig, stop, cleanup: contextlib.ExitStack, *, progress: bool, log) -> TrainResult:
     s, config, run_dir = run.train, run.model, run.train.run_dir
     is_main = distributed.is_main_process()
+    multi_process = jax.process_count() > 1
     say = log if is_main else (lambda _msg: None)
     if s.compilation_cache:
         enable_compilation_cache(s.compilation_cache)
@@ -444,18 +617,43 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
     rules = sh.rules_for(config)
     micro_sh = micro_batch_sharding(mesh, rules)  # [A, B, T+1]
     check_settings(run, mesh, rules)
+
+    # The run directory: writable, and ours alone (process 0 holds the lock for all processes).
+    failure = None
+    try:
+        check_output_dir(run_dir)
+        if is_main:
+            lock = RunLock(run_dir)
+            lock.acquire()
+            cleanup.callback(lock.release)
+    except TrainError as e:
+        failure = e
+    _agree(failure, f"preparing the run directory {run_dir}")
+
+    def stopped_during_setup(where: str, step: int = 0, checkpoint: str | None = None) -> TrainResult | None:
+        """A stop request before training starts ends the run here; nothing new exists to be saved. (A
+        multi-process run carries the request into the loop, where all processes stop together.)"""
+        if multi_process or not stop.is_set():
+            return None
+        say(f"{_signal_name(stop)} received during set-up ({where}): exiting before training (nothing new to save)")
+        return TrainResult("terminated", run_dir, step, checkpoint, {}, None)
+
     dataset, train_src, eval_src = data_sources(run, say)
+    if (result := stopped_during_setup("data")) is not None:
+        return result
 
     checkpointer = RunCheckpointer(run_dir, keep=s.keep_checkpoints, async_save=s.async_checkpointing)
-    latest = checkpointer.latest_step()
-    if latest is not None:  # before anything in the run directory is rewritten
-        check_resume(run, checkpointer.read_train_state(latest), checkpointer.step_dir(latest))
-    check_run_dir(run, resuming=latest is not None)
+    cleanup.callback(checkpointer.close)
+    check_run_dir(run, resuming=bool(checkpointer.all_steps()))  # before anything in the run directory is rewritten
     layout = plan_state(run, mesh, rules)
     with sh.use_mesh(mesh, rules):
         state, position = start_state(run, layout, checkpointer, mesh, rules, say)
     write_run_dir(run, dataset)
     start_step = int(state.step)
+    latest = checkpointer.latest_step()
+    restored = checkpointer.step_dir(latest) if latest is not None else None
+    if (result := stopped_during_setup("state restored", start_step, restored)) is not None:
+        return result
 
     fpt = flops_lib.training_flops_per_token(config, s.seq_len)
     device_kind = jax.devices()[0].device_kind
@@ -474,27 +672,31 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
         f"{f' in {s.grad_accum} micro-batches' if s.grad_accum > 1 else ''} | lr {s.learning_rate:g} "
         f"({s.schedule}, warmup {s.warmup_steps})"
     )
-    if start_step >= s.steps:
+    complete = start_step >= s.steps
+    final_eval_missing = (
+        complete and eval_src is not None and not has_record(os.path.join(run_dir, JSONL_FILE), start_step, "eval_loss")
+    )
+    if complete and not final_eval_missing:
         say(f"run already complete: step {start_step} >= train.steps={s.steps}")
-        latest = checkpointer.latest_step()
-        checkpointer.close()
-        return TrainResult("already_complete", run_dir, start_step, checkpointer.step_dir(latest), {}, None)
+        return TrainResult("already_complete", run_dir, start_step, restored, {}, None)
 
     shape = (s.grad_accum, s.micro_batch_size)
     # One process decides alone when to stop; several agree through the step itself (see StopVote).
-    vote = StopVote(mesh) if jax.process_count() > 1 else None
+    vote = StopVote(mesh) if multi_process else None
     with sh.use_mesh(mesh, rules):
-        step_body = make_train_step(layout.build, layout.optimizer, layout.schedule, s.loss_chunk_size)
-        batch_abstract = jax.ShapeDtypeStruct((*shape, s.seq_len + 1), jnp.int32, sharding=micro_sh)
-        in_sh, out_sh, args = (layout.shardings, micro_sh), (layout.shardings, layout.replicated), ()
-        if vote is not None:
-            step_body = with_stop_vote(step_body)
-            in_sh, out_sh, args = (*in_sh, vote.sharding), (*out_sh, layout.replicated), (vote.abstract,)
-        step_fn = jax.jit(step_body, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=0)
-        t0 = time.perf_counter()
-        say("compiling the training step ...")
-        compiled_step = step_fn.lower(layout.abstract, batch_abstract, *args).compile()
-        say(f"compiled in {time.perf_counter() - t0:.1f} s")
+        compiled_step = None
+        if not complete:
+            step_body = make_train_step(layout.build, layout.optimizer, layout.schedule, s.loss_chunk_size)
+            batch_abstract = jax.ShapeDtypeStruct((*shape, s.seq_len + 1), jnp.int32, sharding=micro_sh)
+            in_sh, out_sh, args = (layout.shardings, micro_sh), (layout.shardings, layout.replicated), ()
+            if vote is not None:
+                step_body = with_stop_vote(step_body)
+                in_sh, out_sh, args = (*in_sh, vote.sharding), (*out_sh, layout.replicated), (vote.abstract,)
+            step_fn = jax.jit(step_body, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=0)
+            t0 = time.perf_counter()
+            say("compiling the training step ...")
+            compiled_step = step_fn.lower(layout.abstract, batch_abstract, *args).compile()
+            say(f"compiled in {time.perf_counter() - t0:.1f} s")
         eval_fn = None
         if eval_src is not None:
             eval_fn = jax.jit(
@@ -502,6 +704,8 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
                 in_shardings=(layout.shardings.params, micro_sh),
                 out_shardings=layout.replicated,
             )
+    if not complete and (result := stopped_during_setup("compiled", start_step, restored)) is not None:
+        return result
 
     logger = MetricsLogger(
         run_dir,
@@ -511,6 +715,7 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
         enabled=is_main,
         progress=progress,
     )
+    cleanup.callback(logger.close)
     for note in logger.notes:
         say(note)
 
@@ -527,6 +732,14 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
         logger.write(rec)
         logger.message(f"eval   step {step:>6} | loss {loss:.4f} | perplexity {rec['eval_perplexity']:.2f}")
         return rec
+
+    if complete:  # killed during (or before) its final evaluation: do that now, from the final checkpoint
+        logger.message(
+            f"run already complete: step {start_step} >= train.steps={s.steps}, but its final evaluation is missing "
+            f"from {display_path(logger.jsonl_path)}: evaluating"
+        )
+        eval_record = evaluate(state.params, start_step)
+        return TrainResult("already_complete", run_dir, start_step, restored, {}, eval_record)
 
     def check_finite(step_now: int, bad: int | None = None) -> None:
         """Raise `NonFiniteLoss` if a step went bad; ``bad`` is ``state.bad_step`` when already on the host."""
@@ -557,59 +770,59 @@ def train(run: RunConfig, *, progress: bool = True, log: Callable[[str], None] =
     eval_record = None
     status = "completed"
     step = start_step
-    try:
-        with _stop_on_signals() as stop:
-            t_mark, step_mark = time.perf_counter(), step
-            while step < s.steps:
-                if stop.is_set() if vote is None else vote.agreed():
-                    status = "terminated"
-                    if stop.is_set():
-                        reason = f"{signal.Signals(getattr(stop, 'signum', signal.SIGTERM)).name} received"
-                    else:
-                        reason = "another process received a stop signal"
-                    logger.message(f"{reason}: saving a checkpoint at step {step} before exiting")
-                    break
-                batch = global_batch(train_src, position, shape, micro_sh)
-                if vote is None:
-                    state, metrics = compiled_step(state, batch)
-                else:
-                    state, metrics, any_stop = compiled_step(state, batch, vote.flags(stop.is_set()))
-                    vote.record(any_stop)
-                position += s.batch_size
-                step += 1
-                logger.advance(1)
-                if step % s.log_every == 0 or step == s.steps:
-                    # One transfer (one wait for the step) for both the finiteness flag and the metrics.
-                    bad, host_metrics = jax.device_get((state.bad_step, metrics))
-                    check_finite(step, bad)
-                    now = time.perf_counter()
-                    tps = (step - step_mark) * s.batch_size * s.seq_len / max(now - t_mark, 1e-9)
-                    t_mark, step_mark = now, step
-                    rec = {"step": step}
-                    for k, v in host_metrics.items():
-                        rec[k] = np.asarray(v).tolist() if np.ndim(v) else float(v)
-                    rec.update(
-                        tokens_per_second=tps,
-                        mfu=flops_lib.mfu(fpt, tps, mesh.size, peak),
-                        tokens_seen=position * s.seq_len,
-                    )
-                    logger.write(rec)
-                    logger.message(_fmt_record(rec))
-                    logger.advance(0, loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}")
-                    last_record = rec
-                if eval_fn is not None and s.eval_every > 0 and step % s.eval_every == 0 and step < s.steps:
-                    check_finite(step)
-                    eval_record = evaluate(state.params, step)
-                    t_mark, step_mark = time.perf_counter(), step
-                if step % s.checkpoint_every == 0 or step == s.steps:
-                    save(step)
-        if status == "terminated" or step == s.steps:
-            save(step)
-        if status == "completed" and eval_fn is not None:
+    t_mark, step_mark = time.perf_counter(), step
+    while step < s.steps:
+        if stop.is_set() if vote is None else vote.agreed():
+            status = "terminated"
+            if stop.is_set():
+                reason = f"{_signal_name(stop)} received"
+            else:
+                reason = "another process received a stop signal"
+            logger.message(f"{reason}: saving a checkpoint at step {step} before exiting")
+            break
+        batch = global_batch(train_src, position, shape, micro_sh)
+        if vote is None:
+            state, metrics = compiled_step(state, batch)
+        else:
+            state, metrics, any_stop = compiled_step(state, batch, vote.flags(stop.is_set()))
+            vote.record(any_stop)
+        position += s.batch_size
+        step += 1
+        logger.advance(1)
+        if step % s.log_every == 0 or step == s.steps:
+            # One transfer (one wait for the step) for both the finiteness flag and the metrics.
+            bad, host_metrics = jax.device_get((state.bad_step, metrics))
+            check_finite(step, bad)
+            now = time.perf_counter()
+            tps = (step - step_mark) * s.batch_size * s.seq_len / max(now - t_mark, 1e-9)
+            t_mark, step_mark = now, step
+            rec = {"step": step}
+            for k, v in host_metrics.items():
+                rec[k] = np.asarray(v).tolist() if np.ndim(v) else float(v)
+            rec.update(
+                tokens_per_second=tps,
+                mfu=flops_lib.mfu(fpt, tps, mesh.size, peak),
+                tokens_seen=position * s.seq_len,
+            )
+            logger.write(rec)
+            logger.message(_fmt_record(rec))
+            logger.advance(0, loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}")
+            last_record = rec
+        if eval_fn is not None and s.eval_every > 0 and step % s.eval_every == 0 and step < s.steps:
+            check_finite(step)
             eval_record = evaluate(state.params, step)
-    finally:
-        logger.close()
-        checkpointer.close()
+            t_mark, step_mark = time.perf_counter(), step
+        if step % s.checkpoint_every == 0 or step == s.steps:
+            save(step)
+    if status == "terminated" or step == s.steps:
+        save(step)
+    if status == "completed" and eval_fn is not None:
+        eval_record = evaluate(state.params, step)
+    checkpointer.wait()  # the final checkpoint is on disk before this returns, whatever arrives meanwhile
+    if status == "completed" and stop.is_set():
+        logger.message(
+            f"{_signal_name(stop)} received after the last step: the final checkpoint and evaluation were completed"
+        )
     final = checkpointer.latest_step()
     return TrainResult(
         status, run_dir, step, checkpointer.step_dir(final) if final is not None else None, last_record, eval_record

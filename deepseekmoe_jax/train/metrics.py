@@ -37,6 +37,22 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     write_text_atomically(path, "".join(k + "\n" for k in kept))
 
 
+def has_record(path: str, step: int, key: str) -> bool:
+    """Whether the metrics file holds a record of ``step`` with ``key`` (e.g. the final ``eval_loss``); lines cut
+    short by a kill and a missing file count as no record."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and rec.get("step") == step and key in rec:
+                return True
+    return False
+
+
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     """All records of a metrics file."""
     with open(path, encoding="utf-8") as f:
