@@ -1,5 +1,6 @@
-"""The training loop end to end on 8 fake devices: loss falls, metrics, checkpoints, exact resume after SIGKILL,
-save on SIGTERM, non-finite loss (in the library and at the command line), bad input, fine-tuning from a converted
+"""The training loop end to end on 8 fake devices: loss falls, metrics, checkpoints, exact resume after SIGKILL
+during a save and a damaged newest checkpoint, save on SIGTERM, non-finite loss (in the library and at the command
+line), bad input, fine-tuning from a converted
 checkpoint, and two processes that stop together when only one of them is signalled.
 
 One uninterrupted run (in process) is the reference; the same run is then killed, stopped and restarted as real
@@ -203,25 +204,46 @@ def test_kill_then_sigterm_then_resume_reproduces_the_run(reference_run, workdir
     log = root / "run_b.log"
     ckpts = run_b / "checkpoints"
 
-    # 1. SIGKILL once step 8 is checkpointed and training has gone past it.
+    # 1. SIGKILL during the save of step 24 (while its staging directory exists; or, if that save is over
+    #    before it is seen, just after), once steps 8 and 16 are checkpointed.
+    def saving_24(records):
+        staged = any(name.startswith("24.") for name in os.listdir(ckpts)) if ckpts.is_dir() else False
+        return (ckpts / "16" / "params").is_dir() and (staged or _last_step(records) >= 24)
+
     proc = _launch(config_path, repo_root, log)
-    reached = _wait_for(proc, metrics, lambda r: _last_step(r) >= 11 and (ckpts / "8" / "params").is_dir())
+    reached = _wait_for(proc, metrics, saving_24)
     proc.kill()
     proc.wait()
     assert reached, f"the run ended before it could be killed:\n{log.read_text()}"
     killed_at = _last_step(read_jsonl(metrics))
-    assert 11 <= killed_at < STEPS
+    assert 16 <= killed_at < STEPS
 
-    # 2. Restart: it resumes from the newest complete checkpoint. SIGTERM it past step 20: it saves and exits 143.
+    # 2. Damage the newest complete checkpoint (truncate its largest array file). The restart skips it, names
+    #    it, keeps it aside and resumes from step 8. SIGTERM it past step 20: it saves and exits 143.
+    newest = max(int(n) for n in os.listdir(ckpts) if n.isdigit())
+    assert newest in (16, 24)
+    if newest == 24:  # the save of 24 completed before the kill: damage both, so that resume falls back to 8
+        shutil.rmtree(ckpts / "24" / "train_state")
+    chunk = max(
+        (p for p in (ckpts / "16" / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
+        key=lambda p: p.stat().st_size,
+    )
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    killed_metrics = os.stat(metrics).st_ino  # the resumed run rewrites the file (dropping steps past 8)
     proc = _launch(config_path, repo_root, log)
-    assert _wait_for(proc, metrics, lambda r: _last_step(r) >= 21), log.read_text()
+    resumed_past_21 = lambda r: os.stat(metrics).st_ino != killed_metrics and _last_step(r) >= 21  # noqa: E731
+    assert _wait_for(proc, metrics, resumed_past_21), log.read_text()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143, log.read_text()
     stopped_at = _last_step(read_jsonl(metrics))
     assert 21 <= stopped_at < STEPS
     assert (ckpts / str(stopped_at) / "params").is_dir()  # saved at the step it stopped
     text = log.read_text()
-    assert "resuming from" in text and "SIGTERM received" in text and "run the same command again" in text
+    assert f"resuming from {ckpts / '8'}" in text and "SIGTERM received" in text
+    assert "run the same command again" in text
+    skipped = [line for line in text.splitlines() if line.startswith("skipped damaged checkpoint")]
+    assert skipped and "checkpoints/16: cannot read the parameters and optimizer state: array chunk" in skipped[-1]
+    assert (run_b / "damaged_checkpoints" / "16").is_dir()
 
     # 3. Restart again and finish.
     proc = _launch(config_path, repo_root, log)
