@@ -41,11 +41,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from deepseekmoe_jax.config import ConfigError, DeepseekConfig, ModelOptions
+from deepseekmoe_jax.distributed import is_main_process, process_count
 from deepseekmoe_jax.fs import make_staging_dir, publish_directory, remove_stale_staging, write_text_atomically
-from deepseekmoe_jax.sharding import abstract_param_state, key_path
+from deepseekmoe_jax.model import abstract_model
+from deepseekmoe_jax.partitioning import rules_for
+from deepseekmoe_jax.sharding import check_mesh_fits, key_path, param_shardings
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -110,8 +116,6 @@ def param_tree(model: nnx.Module) -> dict:
 
 def save_params(model: nnx.Module, directory: str | os.PathLike) -> None:
     """Save the model's parameters as an Orbax checkpoint at ``directory/params`` (written aside, then renamed)."""
-    import orbax.checkpoint as ocp
-
     directory = os.path.abspath(os.fspath(directory))
     target = os.path.join(directory, PARAMS_DIR)
     if os.path.exists(target):
@@ -137,16 +141,12 @@ def save_checkpoint(model: nnx.Module, directory: str | os.PathLike, *, overwrit
     every process, and the staging directory is removed. Staging directories of ``directory`` that a killed
     writer left behind (its process is gone) are removed first, with one line on stderr each.
     """
-    import orbax.checkpoint as ocp
-
-    from deepseekmoe_jax import distributed
-
     directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
     if os.path.exists(directory) and not overwrite:
         raise CheckpointError(f"{directory} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     parent = os.path.dirname(directory)
-    multi_process = distributed.process_count() > 1
-    primary = distributed.is_main_process()
+    multi_process = process_count() > 1
+    primary = is_main_process()
     # Every process writes into the same staging directory, so in a multi-process run its name is fixed.
     shared_tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-saving")
     tmp = shared_tmp
@@ -159,8 +159,6 @@ def save_checkpoint(model: nnx.Module, directory: str | os.PathLike, *, overwrit
         except Exception as e:  # noqa: BLE001 (re-raised below, after the other processes have heard of it)
             error = e
         if multi_process:
-            from jax.experimental import multihost_utils
-
             failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
             if error is None and failed.any():
                 error = CheckpointError(
@@ -232,11 +230,6 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None 
         this process's first device (in a multi-process run, each process then holds a full copy).
       dtype: parameter dtype to restore into (e.g. "bfloat16" for inference); default: the saved one.
     """
-    import orbax.checkpoint as ocp
-
-    from deepseekmoe_jax.model import DeepseekForCausalLM
-    from deepseekmoe_jax.sharding import check_mesh_fits, param_shardings, rules_for
-
     path = os.path.abspath(os.path.expanduser(os.fspath(ckpt_dir)))
     params_dir = os.path.join(path, PARAMS_DIR)
     if not os.path.isdir(params_dir):
@@ -247,8 +240,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None 
     config = read_config(path)
     if dtype is not None:
         config = config.with_options(param_dtype=str(jnp.dtype(dtype)))
-    abstract = nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
-    graphdef, params_state, rest = nnx.split(abstract, nnx.Param, ...)
+    graphdef, params_state, rest = nnx.split(abstract_model(config), nnx.Param, ...)
     reader = ParamsReader(params_dir)
     reader.check_matches(config, params_state)
     reader.check_complete()
@@ -307,7 +299,7 @@ def leaf_path(path: tuple) -> LeafPath:
 
 def param_specs(config: DeepseekConfig, state: Any = None) -> dict[LeafPath, LeafSpec]:
     """Every parameter of ``DeepseekForCausalLM(config)`` (path -> `LeafSpec`), computed without allocating."""
-    state = abstract_param_state(config) if state is None else state
+    state = nnx.state(abstract_model(config), nnx.Param) if state is None else state
     out = {}
     flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     for keys, var in flat:
@@ -339,12 +331,6 @@ def _chunk_shape(spec: LeafSpec) -> tuple[int, ...]:
     return tuple(max(1, c) for c in chunk)
 
 
-def _ts():
-    import tensorstore
-
-    return tensorstore
-
-
 class ParamsWriter:
     """Write an Orbax ``params/`` checkpoint of a model slice by slice (see the module docstring).
 
@@ -356,11 +342,8 @@ class ParamsWriter:
     """
 
     def __init__(self, params_dir: str, config: DeepseekConfig, *, max_pending_bytes: int = 2**27):
-        import orbax.checkpoint as ocp
-
-        ts = _ts()
         self.params_dir = os.path.abspath(params_dir)
-        state = abstract_param_state(config)
+        state = nnx.state(abstract_model(config), nnx.Param)
         self.specs = specs = param_specs(config, state)
         like = nnx.to_pure_dict(state)
         self._max_pending = max_pending_bytes
@@ -431,8 +414,6 @@ class ParamsWriter:
         self._pending.clear()
 
     def close(self) -> None:
-        import orbax.checkpoint as ocp
-
         self.flush()
         for path, spec in self.specs.items():
             n = math.prod(spec.shape)
@@ -486,8 +467,6 @@ class ParamsReader:
     """
 
     def __init__(self, path: str | os.PathLike):
-        import orbax.checkpoint as ocp
-
         self.params_dir = params_dir_of(path)
         try:
             with _quiet_missing_item_metadata():
@@ -498,7 +477,7 @@ class ParamsReader:
         if not self.leaves:
             raise CheckpointError(f"{self.params_dir}: the Orbax checkpoint holds no arrays")
         self.use_ocdbt, self.use_zarr3, self.every_chunk_stored = self._storage_format()
-        self._context = _ts().Context({"cache_pool": {"total_bytes_limit": 0}})
+        self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
         self._open: dict[LeafPath, Any] = {}
 
     def _storage_format(self) -> tuple[bool, bool, bool]:
@@ -542,7 +521,7 @@ class ParamsReader:
                 "fill_missing_data_reads": not self.every_chunk_stored,
             }
             try:
-                array = _ts().open(spec, open=True, read=True, context=self._context).result()
+                array = ts.open(spec, open=True, read=True, context=self._context).result()
             except Exception as e:  # noqa: BLE001
                 raise CheckpointError(f"{self.params_dir}: cannot open array {name} ({e})") from None
             self._open[path] = array
@@ -633,10 +612,7 @@ class ParamsReader:
 def model_from_params(config: DeepseekConfig, params: dict[LeafPath, Any]):
     """A `DeepseekForCausalLM` of ``config`` whose parameters are ``params`` (path -> array, every path of
     `param_specs`), cast to ``config.options.param_dtype``."""
-    from deepseekmoe_jax.model import DeepseekForCausalLM
-
-    abstract = nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
-    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
+    graphdef, state, rest = nnx.split(abstract_model(config), nnx.Param, ...)
     pd = jnp.dtype(config.options.param_dtype)
     nested = _nested({p: jnp.asarray(v, pd) for p, v in params.items()}, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, nested)

@@ -30,8 +30,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from deepseekmoe_jax import sharding as sharding_lib
+from deepseekmoe_jax.sharding import batch_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +226,6 @@ def barrier(name: str) -> None:
     Use it where one process writes files that the others then read, or reads files that another will replace.
     """
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -270,12 +269,12 @@ def global_batch_from_local(
       local_batch: pytree of host arrays ``[rows of this process, ...]``.
       mesh: the device mesh; the batch dimension is sharded as `sharding.batch_sharding` says.
       global_batch_size: B of the assembled arrays ``[B, ...]``.
-      rules: the rules table (default `sharding.DEFAULT_RULES`; pass ``rules_for(config)``).
+      rules: the rules table (default `partitioning.DEFAULT_RULES`; pass ``rules_for(config)``).
     Returns:
       the same pytree of `jax.Array` ``[B, ...]``, each device holding its rows; no data crosses hosts.
     """
-    batch_sharding = sharding_lib.batch_sharding(mesh, rules)
-    rows = process_batch_slice(global_batch_size, batch_sharding)
+    layout = batch_sharding(mesh, rules)
+    rows = process_batch_slice(global_batch_size, layout)
     expected = rows.stop - rows.start
 
     def put(x):
@@ -285,6 +284,6 @@ def global_batch_from_local(
                 f"process {jax.process_index()}: local batch array of shape {x.shape} should have {expected} rows "
                 f"(rows {rows.start}..{rows.stop - 1} of the global batch of {global_batch_size})"
             )
-        return jax.make_array_from_process_local_data(batch_sharding, x, (global_batch_size, *x.shape[1:]))
+        return jax.make_array_from_process_local_data(layout, x, (global_batch_size, *x.shape[1:]))
 
     return jax.tree.map(put, local_batch)

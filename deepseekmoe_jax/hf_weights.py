@@ -25,7 +25,7 @@ import numpy as np
 
 from deepseekmoe_jax.config import DeepseekConfig
 from deepseekmoe_jax.hf_io import torch_to_numpy
-from deepseekmoe_jax.model import MOE, layer_kinds, locate_layer
+from deepseekmoe_jax.model import MOE, abstract_model, layer_kinds, locate_layer
 
 GLOBAL, LAYER, DENSE_ONLY, MOE_ONLY = "global", "layer", "dense", "moe"
 
@@ -294,11 +294,7 @@ def load_hf_state_dict(model: Any, state_dict: Mapping[str, Any], *, strict: boo
 def model_from_hf_state_dict(config: DeepseekConfig, state_dict: Mapping[str, Any]):
     """A `DeepseekForCausalLM` holding exactly the weights of a HF-keyed state dict (no random initialisation:
     the model is built abstractly with `nnx.eval_shape`, then every parameter is filled from ``state_dict``)."""
-    from flax import nnx
-
-    from deepseekmoe_jax.model import DeepseekForCausalLM
-
-    model = nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
+    model = abstract_model(config)
     load_hf_state_dict(model, state_dict, strict=True)
     return model
 

@@ -1,7 +1,7 @@
 """Dense building blocks: parameters with logical axes, RMSNorm, rotary embeddings, attention, SwiGLU MLP.
 
 Every parameter is an `nnx.Param` whose metadata ``logical_axes`` names its dimensions (``embed``, ``mlp``,
-``q_heads``, ...). Only `deepseekmoe_jax.sharding` knows how those names map to mesh axes.
+``q_heads``, ...). Only `deepseekmoe_jax.partitioning` knows how those names map to mesh axes.
 
 Modules take a ``stack`` tuple: when layers of one kind are run under `jax.lax.scan`, their parameters are created
 with leading stacked dimensions (logical name ``layers``) and the module's ``__call__`` sees one slice at a time.
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseekmoe_jax.config import DeepseekConfig
-from deepseekmoe_jax.sharding import constrain, sharded
+from deepseekmoe_jax.partitioning import constrain, sharded
 
 Array = jax.Array
 

@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from deepseekmoe_jax.config import DeepseekConfig
 from deepseekmoe_jax.layers import MLP, Attention, RMSNorm, causal_padding_mask, make_param, rope_cos_sin
 from deepseekmoe_jax.moe import MoEBlock, MoEMetrics
-from deepseekmoe_jax.sharding import constrain
+from deepseekmoe_jax.partitioning import constrain
 
 Array = jax.Array
 
@@ -303,6 +303,12 @@ class DeepseekForCausalLM(nnx.Module):
             moe_metrics=out.moe_metrics,
             hidden_states=out.hidden_states if return_hidden_states else None,
         )
+
+
+def abstract_model(config: DeepseekConfig, seed: int = 0) -> DeepseekForCausalLM:
+    """``DeepseekForCausalLM(config)`` built with `nnx.eval_shape`: every parameter is a `jax.ShapeDtypeStruct`
+    carrying its shape, dtype and logical axes, and nothing is allocated. ``seed`` seeds the (abstract) RNG state."""
+    return nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(seed)))
 
 
 def param_count(tree: Any) -> int:

@@ -23,7 +23,7 @@ from flax import nnx
 
 from deepseekmoe_jax.config import DeepseekConfig, capacity
 from deepseekmoe_jax.layers import MLP, make_param
-from deepseekmoe_jax.sharding import constrain
+from deepseekmoe_jax.partitioning import constrain
 
 Array = jax.Array
 

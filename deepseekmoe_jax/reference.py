@@ -15,11 +15,17 @@ weights), as the v1 spec writes it: ``w / (sum(w) + 1e-20)``.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from deepseekmoe_jax.config import DeepseekConfig
+from deepseekmoe_jax.hf_weights import model_from_hf_state_dict
 
 
 def _rope_parameters(config: DeepseekConfig) -> dict:
@@ -77,8 +83,6 @@ def build_reference(config: DeepseekConfig, *, seed: int = 0, std: float = 0.02,
             mlp_bias=False,
         )
         moe_cfg._experts_implementation = "eager"  # the plain per-expert loop
-        import warnings
-
         for i in range(c.num_hidden_layers):
             if c.is_moe_layer(i):
                 with warnings.catch_warnings():  # a zero-width shared MLP (no shared experts) warns at init
@@ -127,8 +131,6 @@ def reference_state_dict(model, config: DeepseekConfig) -> dict:
 
 
 def _key_order(key: str):
-    import re
-
     m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
     if m:
         return (1, int(m.group(1)), m.group(2))
@@ -202,12 +204,6 @@ def compare_with_reference(
     ids (and, with ``left_pad``, a batch whose second row starts with that many padding positions) go through both,
     and the relative max difference over real positions is returned. The JAX forward is compiled once per config.
     """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from deepseekmoe_jax.hf_weights import model_from_hf_state_dict
-
     forward = None
     diffs = []
     for seed in seeds:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from deepseekmoe_jax.checkpoint import (
     CONFIG_FILE,
@@ -149,8 +150,6 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p"))
 def _next_token(graphdef, state, buf, cur, key, *, temperature: float, top_k: int, top_p: float):
     """The token after position ``cur - 1`` of ``buf`` [1, L] (model in evaluation mode)."""
-    from flax import nnx
-
     model = nnx.merge(graphdef, state)
     logits = model(buf, training=False).logits[0]  # [L, V]
     last = jax.lax.dynamic_index_in_dim(logits, cur - 1, axis=0, keepdims=False)  # [V]
@@ -175,8 +174,6 @@ def generate(
     ``temperature=0`` is greedy decoding. The buffer is ``len(prompt) + max_new_tokens`` long, capped at the
     model's ``max_position_embeddings``.
     """
-    from flax import nnx
-
     config = model.config
     n = len(prompt_ids)
     if n == 0:

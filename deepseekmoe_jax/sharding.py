@@ -1,242 +1,45 @@
-"""Logical axis names, the rules that map them onto mesh axes, meshes, and sharded jit helpers.
+"""Meshes and placement: device meshes, parameter shardings, born-sharded models, batches and sharded jit steps.
 
-Modules name the dimensions of parameters (``embed``, ``mlp``, ``expert`` ...) and activations (``act_batch``,
-``act_expert`` ...). This module alone knows the mesh axes ``data``, ``fsdp``, ``expert`` and ``tensor``; the
-table `DEFAULT_RULES` maps one onto the other and can be overridden per config (``options.logical_axis_rules``).
+The logical axis names and the rules table that maps them onto the mesh axes ``data``, ``fsdp``, ``expert`` and
+``tensor`` are in `deepseekmoe_jax.partitioning` (which the model's modules import); this module applies them to
+the model and to devices.
 
 Typical use (one process or many; see ``docs/sharding.md``)::
 
     mesh = sharding.mesh_from_config({"data": 1, "fsdp": -1, "expert": 4, "tensor": 1}, config=config)
     model = sharding.create_sharded_model(config, mesh)            # parameters born sharded
     graphdef, params = nnx.split(model)
+    rules = partitioning.rules_for(config)
     step = sharding.jit_step(train_step, mesh, sharding.param_shardings(params, rules, mesh), rules=rules)
     params, metrics = step(params, sharding.shard_batch(batch, mesh, rules))
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+from deepseekmoe_jax.model import DeepseekForCausalLM, abstract_model
 
-# logical axis -> mesh axis, tuple of mesh axes, or None (replicated).
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    # parameters
-    ("layers", None),  # the leading stacked (scanned) dimension of per-layer parameters
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("q_heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("expert", "expert"),
-    ("expert_mlp", "tensor"),
-    ("router", None),
-    ("norm", None),
-    # activations
-    ("act_batch", ("data", "fsdp", "expert")),
-    ("act_length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-    ("act_group", ("data", "fsdp", "expert")),  # MoE token groups before dispatch
-    ("act_expert_group", ("data", "fsdp")),  # MoE token groups after dispatch (experts hold the 'expert' axis)
-    ("act_expert", "expert"),
-    ("act_capacity", None),
-    ("act_expert_mlp", "tensor"),
+# DEFAULT_MESH, MESH_AXES, ShardingError, rules_for and use_mesh are also imported from here by code that has not
+# moved to deepseekmoe_jax.partitioning yet (re-exported; they live there).
+from deepseekmoe_jax.partitioning import (
+    DEFAULT_MESH,
+    MESH_AXES,
+    ShardingError,
+    logical_to_spec,
+    mesh_size,
+    rule_targets,
+    rules_dict,
+    rules_for,
+    use_mesh,
 )
-
-LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
-
-# The mesh used when a config has no ``mesh:`` section: every device on ``fsdp`` (parameters and batch sharded over
-# all devices, ZeRO-3 style); on one device this is the trivial mesh.
-DEFAULT_MESH = {"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}
-
-
-class ShardingError(ValueError):
-    """A mesh or rules table that cannot shard the model; the message says which axis and why."""
-
-
-# ----------------------------------------------------------------------------------------------- rules
-def _targets(target: Any) -> tuple[str, ...]:
-    """A rule's right-hand side as a tuple of mesh axis names (``None`` -> ``()``)."""
-    if target is None:
-        return ()
-    if isinstance(target, str):
-        return (target,)
-    return tuple(target)
-
-
-def _check_rule(name: str, target: Any) -> Any:
-    if target is not None and not isinstance(target, str | list | tuple):
-        raise ShardingError(
-            f"logical axis rule {name!r} -> {target!r}: expected null, a mesh axis name or a list of them"
-        )
-    targets = _targets(target)
-    bad = [t for t in targets if t not in MESH_AXES]
-    if bad:
-        raise ShardingError(
-            f"logical axis rule {name!r} -> {target!r}: unknown mesh axis {bad[0]!r}; mesh axes are {MESH_AXES}"
-        )
-    if len(set(targets)) != len(targets):
-        raise ShardingError(f"logical axis rule {name!r} -> {target!r} names a mesh axis twice")
-    return None if not targets else (targets[0] if len(targets) == 1 else targets)
-
-
-def rules_dict(
-    rules: Sequence[tuple[str, Any]] | Mapping[str, Any] | None = None,
-    overrides: Sequence[tuple[str, Any]] | Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The rules table as a validated dict: `DEFAULT_RULES`, or ``rules`` (a full replacement), with ``overrides``
-    (per logical name) applied.
-
-    Each value is ``None`` (replicated), a mesh axis name, or a tuple of mesh axis names. An override of a logical
-    name that the table does not have, or a value naming an unknown mesh axis, raises `ShardingError` (a typo must
-    not silently leave a tensor replicated).
-    """
-    base = DEFAULT_RULES if rules is None else rules
-    table = dict(base.items() if isinstance(base, Mapping) else base)
-    if overrides:
-        items = overrides.items() if isinstance(overrides, Mapping) else overrides
-        for name, target in items:
-            if name not in table:
-                raise ShardingError(
-                    f"logical_axis_rules override {name!r}: no such logical axis; known axes are {sorted(table)}"
-                )
-            table[name] = target
-    return {str(name): _check_rule(str(name), target) for name, target in table.items()}
-
-
-def _mesh_size(mesh_shape: Mapping[str, int], axes: Sequence[str]) -> int:
-    return math.prod(mesh_shape.get(a, 1) for a in axes)
-
-
-def logical_to_spec(
-    axes: Sequence[str | None],
-    rules: Mapping[str, Any],
-    mesh_axis_names: Sequence[str] = MESH_AXES,
-    mesh_shape: Mapping[str, int] | None = None,
-    shape: Sequence[int] | None = None,
-) -> PartitionSpec:
-    """Map logical axis names to a `PartitionSpec`.
-
-    Mesh axes of size 1 are dropped (they shard nothing), as are mesh axes the mesh does not have. A mesh axis
-    used by two dimensions of one array is an error (`ShardingError`), never silently resolved.
-
-    ``shape`` (activations only): a dimension keeps the longest prefix of its mesh axes whose total size divides
-    the dimension, so a constraint stays valid for, e.g., a batch of one in generation. Parameters are checked
-    up front by `check_mesh_fits` and are never given a shape here.
-    """
-    if shape is not None and len(shape) != len(axes):
-        raise ShardingError(f"logical axes {tuple(axes)} do not match an array of rank {len(shape)} {tuple(shape)}")
-    used: dict[str, str] = {}
-    out = []
-    for dim, name in enumerate(axes):
-        if name is None:
-            out.append(None)
-            continue
-        if name not in rules:
-            raise ShardingError(f"logical axis {name!r} has no rule; add it to options.logical_axis_rules")
-        kept: list[str] = []
-        for t in _targets(rules[name]):
-            if t not in mesh_axis_names:
-                continue
-            size = 1 if mesh_shape is None else mesh_shape.get(t, 1)
-            if mesh_shape is not None and size == 1:
-                continue
-            if t in used:
-                raise ShardingError(
-                    f"mesh axis {t!r} is used by both logical axes {used[t]!r} and {name!r} of one "
-                    f"array {tuple(axes)}; change options.logical_axis_rules"
-                )
-            if shape is not None and mesh_shape is not None and shape[dim] % (_mesh_size(mesh_shape, kept) * size):
-                break
-            used[t] = name
-            kept.append(t)
-        out.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
-    while out and out[-1] is None:
-        out.pop()
-    return PartitionSpec(*out)
-
-
-def rules_for(config) -> dict[str, Any]:
-    """The rules table for a config: `DEFAULT_RULES` plus ``options.logical_axis_rules`` overrides."""
-    return rules_dict(overrides=config.options.logical_axis_rules)
-
-
-def _as_rules(rules) -> dict[str, Any]:
-    if rules is None:
-        return rules_dict()
-    return rules_dict(rules)
-
-
-# ----------------------------------------------------------------------------------------------- context
-@dataclasses.dataclass(frozen=True)
-class ShardingContext:
-    """The active mesh and rules table (see `use_mesh`)."""
-
-    mesh: Mesh
-    rules: Mapping[str, Any]
-
-    def spec(self, axes: Sequence[str | None], shape: Sequence[int] | None = None) -> PartitionSpec:
-        return logical_to_spec(axes, self.rules, self.mesh.axis_names, dict(self.mesh.shape), shape)
-
-    def sharding(self, axes: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
-        return NamedSharding(self.mesh, self.spec(axes, shape))
-
-
-_state = threading.local()
-
-
-def current() -> ShardingContext | None:
-    """The active `ShardingContext` (set by `use_mesh`), or None when running unsharded."""
-    return getattr(_state, "ctx", None)
-
-
-@contextlib.contextmanager
-def use_mesh(mesh: Mesh, rules: Mapping[str, Any] | Sequence | None = None) -> Iterator[ShardingContext]:
-    """Activate ``mesh`` with logical ``rules`` (default `DEFAULT_RULES`; pass ``rules_for(config)`` to honour a
-    config's overrides) for model construction and tracing.
-
-    Inside, `constrain` annotates activations and `jax.set_mesh` makes the mesh current. Trace (first call or
-    ``.lower``) jitted functions inside this context; `jit_step` does that for you.
-    """
-    ctx = ShardingContext(mesh, _as_rules(rules))
-    prev = current()
-    _state.ctx = ctx
-    try:
-        with jax.set_mesh(mesh):
-            yield ctx
-    finally:
-        _state.ctx = prev
-
-
-def sharded() -> bool:
-    """True inside `use_mesh` with a mesh of more than one device (code being traced for a sharded run)."""
-    ctx = current()
-    return ctx is not None and ctx.mesh.size > 1
-
-
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """`jax.lax.with_sharding_constraint` by logical axes; a no-op outside `use_mesh` or on one device.
-
-    A dimension that a rule's mesh axes do not divide keeps only the axes that do (see `logical_to_spec`).
-    """
-    ctx = current()
-    if ctx is None or ctx.mesh.size == 1:
-        return x
-    return jax.lax.with_sharding_constraint(x, ctx.sharding(axes, x.shape))
 
 
 # ----------------------------------------------------------------------------------------------- meshes
@@ -307,16 +110,6 @@ def _path_str(path) -> str:
     return "/".join(key_path(path))
 
 
-def abstract_param_state(config):
-    """The model's parameters as an abstract NNX state (shapes, dtypes, logical axes), without allocating."""
-    from flax import nnx
-
-    from deepseekmoe_jax.model import DeepseekForCausalLM
-
-    abstract = nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
-    return nnx.state(abstract, nnx.Param)
-
-
 def check_mesh_fits(config, mesh: Mesh, rules: Mapping[str, Any] | None = None, abstract_params=None) -> None:
     """Raise `ShardingError` if ``config`` cannot be laid out on ``mesh`` under ``rules`` (default: the config's).
 
@@ -325,14 +118,12 @@ def check_mesh_fits(config, mesh: Mesh, rules: Mapping[str, Any] | None = None, 
     every parameter dimension divisible by the mesh axes its logical name maps to (naming the parameter).
     ``abstract_params`` (an abstract ``nnx.State`` of the parameters) saves re-tracing the model.
     """
-    from flax import nnx
-
-    rules = rules_for(config) if rules is None else _as_rules(rules)
+    rules = rules_for(config) if rules is None else rules_dict(rules)
     shape = dict(mesh.shape)
 
     def size_of(logical: str) -> tuple[int, tuple[str, ...]]:
-        axes = tuple(a for a in _targets(rules.get(logical)) if a in shape and shape[a] > 1)
-        return _mesh_size(shape, axes), axes
+        axes = tuple(a for a in rule_targets(rules.get(logical)) if a in shape and shape[a] > 1)
+        return mesh_size(shape, axes), axes
 
     def describe(axes):
         return " x ".join(f"{a}={shape[a]}" for a in axes)
@@ -358,7 +149,7 @@ def check_mesh_fits(config, mesh: Mesh, rules: Mapping[str, Any] | None = None, 
                 f"{logical!r}); choose a tensor axis size that divides the number of heads"
             )
 
-    params = abstract_param_state(config) if abstract_params is None else abstract_params
+    params = nnx.state(abstract_model(config), nnx.Param) if abstract_params is None else abstract_params
     leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
     for path, var in leaves:
         axes = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
@@ -366,8 +157,8 @@ def check_mesh_fits(config, mesh: Mesh, rules: Mapping[str, Any] | None = None, 
             continue
         spec = logical_to_spec(axes, rules, mesh.axis_names, shape)
         for dim, entry in enumerate(spec):
-            mesh_axes = _targets(entry)
-            n = _mesh_size(shape, mesh_axes)
+            mesh_axes = rule_targets(entry)
+            n = mesh_size(shape, mesh_axes)
             if var.shape[dim] % n:
                 raise ShardingError(
                     f"parameter {_path_str(path)} {tuple(var.shape)}: dimension {dim} (logical {axes[dim]!r}, "
@@ -383,9 +174,7 @@ def param_specs(state, rules: Mapping[str, Any], mesh: Mesh):
     Works on any pytree whose leaves are NNX variables (parameters, optimizer states built from them by optax,
     which keep the metadata); leaves without logical axes (counters, RNG state, plain arrays) are replicated.
     """
-    from flax import nnx
-
-    rules = _as_rules(rules)
+    rules = rules_dict(rules)
 
     def spec(v):
         axes = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
@@ -409,12 +198,8 @@ def lower_sharded_init(config, mesh: Mesh, *, seed: int = 0, rules: Mapping[str,
     """``(graphdef, lowered)``: the model's initialiser traced under ``mesh`` and lowered with ``out_shardings`` from
     the logical-axis rules, ready to compile (what `create_sharded_model` runs; its compiled memory analysis shows
     what one device allocates)."""
-    from flax import nnx
-
-    from deepseekmoe_jax.model import DeepseekForCausalLM
-
-    rules = rules_for(config) if rules is None else _as_rules(rules)
-    abstract = nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(seed)))
+    rules = rules_for(config) if rules is None else rules_dict(rules)
+    abstract = abstract_model(config, seed=seed)
     graphdef, abstract_state = nnx.split(abstract)
     check_mesh_fits(config, mesh, rules, abstract_params=nnx.state(abstract, nnx.Param))
     shardings = param_shardings(abstract_state, rules, mesh)
@@ -441,8 +226,6 @@ def create_sharded_model(
     `rules_for`), so each device only ever materialises its own shard. The values depend only on ``seed``, not on
     the mesh. ``compiler_options`` are XLA options for the initialiser's compilation.
     """
-    from flax import nnx
-
     graphdef, lowered = lower_sharded_init(config, mesh, seed=seed, rules=rules)
     compiled = lowered.compile(dict(compiler_options) if compiler_options else None)
     return nnx.merge(graphdef, compiled())
@@ -461,7 +244,7 @@ def batch_spec(
     expert), T over those of ``act_length`` (default none; never with ``shard_length=False``, e.g. for ``T + 1``
     token windows), after ``leading`` unsharded dimensions (e.g. micro-batches)."""
     logical = (None,) * leading + ("act_batch", "act_length" if shard_length else None)
-    return logical_to_spec(logical, _as_rules(rules), mesh.axis_names, dict(mesh.shape))
+    return logical_to_spec(logical, rules_dict(rules), mesh.axis_names, dict(mesh.shape))
 
 
 def batch_sharding(
@@ -474,7 +257,7 @@ def batch_sharding(
 def batch_shards(mesh: Mesh, rules: Mapping[str, Any] | None = None) -> int:
     """Into how many pieces the batch dimension is cut; the global batch size must be a multiple of it."""
     spec = batch_spec(mesh, rules)
-    return _mesh_size(dict(mesh.shape), _targets(spec[0])) if len(spec) else 1
+    return mesh_size(dict(mesh.shape), rule_targets(spec[0])) if len(spec) else 1
 
 
 def shard_batch(batch, mesh: Mesh, rules: Mapping[str, Any] | None = None):
@@ -544,7 +327,7 @@ def jit_step(
       donate_state: donate the input state's buffers (in-place update of parameters and optimizer state).
       compiler_options: XLA options for this compilation (`jax.jit`'s ``compiler_options``).
     """
-    rules = _as_rules(rules)
+    rules = rules_dict(rules)
     in_shardings = (state_shardings, batch_sharding(mesh, rules), *extra_in_shardings)
     if out_shardings is None:
         out_shardings = (state_shardings, replicated(mesh))

@@ -88,10 +88,10 @@ def run_step(mesh, feed, *, gather_initial=False, save_to=None):
     from flax import nnx
     from jax.experimental import multihost_utils
 
-    from deepseekmoe_jax import sharding
+    from deepseekmoe_jax import partitioning, sharding
 
     config, batch = problem()
-    rules = sharding.rules_for(config)
+    rules = partitioning.rules_for(config)
     model = sharding.create_sharded_model(config, mesh, seed=0, compiler_options=fast_compile())
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optax.sgd(LEARNING_RATE, momentum=0.9)

@@ -28,7 +28,9 @@ from deepseekmoe_jax.checkpoint import (
     save_params,
     write_config_files,
 )
-from deepseekmoe_jax.sharding import make_mesh, param_shardings, rules_for
+from deepseekmoe_jax.model import abstract_model
+from deepseekmoe_jax.partitioning import rules_for
+from deepseekmoe_jax.sharding import make_mesh, param_shardings
 
 CONFIG = small_config()
 # Two MoE layers in one scanned segment: the smallest model whose sharded forward pass covers every layer kind
@@ -42,8 +44,7 @@ def flat_params(model) -> dict:
 
 
 def expected_shardings(config, mesh) -> dict:
-    abstract = nnx.eval_shape(lambda: __import__("deepseekmoe_jax").DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
-    state = nnx.state(abstract, nnx.Param)
+    state = nnx.state(abstract_model(config), nnx.Param)
     flat, _ = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(param_shardings(state, rules_for(config), mesh)))
     return {leaf_path(tuple(getattr(k, "key", k) for k in keys)): v for keys, v in flat}
 

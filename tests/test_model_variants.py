@@ -9,10 +9,11 @@ from flax import nnx
 
 from deepseekmoe_jax import DeepseekForCausalLM
 from deepseekmoe_jax.config import REMAT_POLICIES
+from deepseekmoe_jax.model import abstract_model
 
 
 def _loss_fn(config, ids):
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(abstract_model(config))
 
     def loss(state):
         out = nnx.merge(graphdef, state)(ids[:, :-1], training=True)

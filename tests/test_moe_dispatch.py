@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from deepseekmoe_jax import DeepseekForCausalLM
 from deepseekmoe_jax.config import capacity
+from deepseekmoe_jax.model import abstract_model
 from deepseekmoe_jax.moe import MoEBlock, dispatch_tensors, route
 
 E, K, H, WIDTH = 8, 2, 16, 8
@@ -211,10 +212,10 @@ def test_capacity_actually_drops_and_no_drop_is_exact():
     config, state, run = _lm()
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 16)))
     assert float(run(state, ids).moe_metrics.dropped_fraction.max()) > 0
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(1))))
+    graphdef = nnx.graphdef(abstract_model(config, seed=1))
     eval_out = nnx.merge(graphdef, state)(ids, training=False)
     assert float(eval_out.moe_metrics.dropped_fraction.max()) == 0.0
     big = config.with_options(capacity_factor_train=float(E) / K)
-    big_graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepseekForCausalLM(big, rngs=nnx.Rngs(1))))
+    big_graphdef = nnx.graphdef(abstract_model(big, seed=1))
     train_big = nnx.merge(big_graphdef, state)(ids, training=True)
     np.testing.assert_allclose(np.asarray(train_big.logits), np.asarray(eval_out.logits), rtol=1e-5, atol=1e-5)

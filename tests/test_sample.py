@@ -9,9 +9,9 @@ import pytest
 from conftest import small_config
 from flax import nnx, traverse_util
 
-from deepseekmoe_jax import DeepseekForCausalLM
 from deepseekmoe_jax import sample as sample_lib
 from deepseekmoe_jax.checkpoint import save_params, write_config_files
+from deepseekmoe_jax.model import abstract_model
 from deepseekmoe_jax.train.tokenizer import ByteTokenizer
 
 CONFIG = small_config(vocab_size=260, num_hidden_layers=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -19,7 +19,7 @@ CONFIG = small_config(vocab_size=260, num_hidden_layers=2, bos_token_id=1, eos_t
 
 def make_model(config=CONFIG, std=0.3, seed=0):
     """A model with numpy-drawn weights, large enough that its predictions differ from token to token."""
-    abstract = nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(config)
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     rng = np.random.RandomState(seed)
     flat = {}

@@ -9,6 +9,7 @@ from flax import nnx
 
 from deepseekmoe_jax import DeepseekConfig, DeepseekForCausalLM, param_count
 from deepseekmoe_jax.hf_weights import hf_key_shapes
+from deepseekmoe_jax.model import abstract_model
 
 PRESETS = {
     "deepseekmoe-16b.yaml": 16_375_728_128,  # the spec's count for deepseek-moe-16b
@@ -17,14 +18,10 @@ PRESETS = {
 }
 
 
-def _abstract(config):
-    return nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
-
-
 @pytest.mark.parametrize("name, expected", list(PRESETS.items()))
 def test_preset_parameter_counts(name, expected):
     config = DeepseekConfig.from_file(ROOT / "configs" / name)
-    model = _abstract(config)
+    model = abstract_model(config)
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing was allocated
     assert param_count(model) == expected
@@ -34,7 +31,7 @@ def test_preset_parameter_counts(name, expected):
 
 def test_16b_forward_shapes_abstractly():
     config = DeepseekConfig.from_file(ROOT / "configs" / "deepseekmoe-16b.yaml")
-    model = _abstract(config)
+    model = abstract_model(config)
     graphdef, state = nnx.split(model)
     ids = jax.ShapeDtypeStruct((2, 256), jnp.int32)
     out = jax.eval_shape(lambda s, i: nnx.merge(graphdef, s)(i, training=True), state, ids)
@@ -54,7 +51,7 @@ def test_reduced_precision_stays_close_to_float32(param_dtype, dtype):
     base = small_config()
     f32 = DeepseekForCausalLM(base, rngs=nnx.Rngs(0))
     low = nnx.merge(
-        nnx.graphdef(_abstract(base.with_options(param_dtype=param_dtype, dtype=dtype))),
+        nnx.graphdef(abstract_model(base.with_options(param_dtype=param_dtype, dtype=dtype))),
         jax.tree.map(lambda a: a.astype(param_dtype), nnx.state(f32)),
     )
     ids = jnp.asarray(np.random.default_rng(0).integers(0, base.vocab_size, (2, 16)))
@@ -70,14 +67,14 @@ def test_traced_program_does_not_grow_with_depth():
 
     def n_equations(layers):
         config = small_config(num_hidden_layers=layers)
-        graphdef, state = nnx.split(_abstract(config))
+        graphdef, state = nnx.split(abstract_model(config))
         ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
         jaxpr = jax.make_jaxpr(lambda s, i: nnx.merge(graphdef, s)(i).logits)(state, ids)
         return len(jaxpr.jaxpr.eqns)
 
     assert n_equations(4) == n_equations(12)
     unrolled = small_config(num_hidden_layers=12, options={"scan_layers": False})
-    graphdef, state = nnx.split(_abstract(unrolled))
+    graphdef, state = nnx.split(abstract_model(unrolled))
     jaxpr = jax.make_jaxpr(lambda s, i: nnx.merge(graphdef, s)(i).logits)(
         state, jax.ShapeDtypeStruct((1, 8), jnp.int32)
     )

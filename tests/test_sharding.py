@@ -13,25 +13,22 @@ import numpy as np
 import pytest
 from conftest import small_config
 from flax import nnx
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from mp_worker import fast_compile
 
-from deepseekmoe_jax import DeepseekConfig, checkpoint, distributed, sharding
+from deepseekmoe_jax import DeepseekConfig, checkpoint, distributed, partitioning, sharding
 from deepseekmoe_jax.config import apply_overrides, read_config_file
-from deepseekmoe_jax.model import DeepseekForCausalLM
-from deepseekmoe_jax.sharding import ShardingError
+from deepseekmoe_jax.model import abstract_model
+from deepseekmoe_jax.partitioning import ShardingError
 
 # Faster CPU compilation of the tiny test models; see mp_worker.fast_compile.
 FAST_COMPILE = fast_compile()
 
 
-def abstract_model(config):
-    return nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
-
-
 def flat_specs(config, mesh, rules=None):
     params = nnx.state(abstract_model(config), nnx.Param)
-    specs = sharding.param_specs(params, sharding.rules_for(config) if rules is None else rules, mesh)
+    specs = sharding.param_specs(params, partitioning.rules_for(config) if rules is None else rules, mesh)
     return {"/".join(map(str, path)): spec for path, spec in nnx.to_flat_state(specs)}
 
 
@@ -42,7 +39,7 @@ def test_make_mesh_shapes_and_fill():
     assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
     assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
     assert dict(sharding.make_mesh(fsdp=2, expert=-1).shape)["expert"] == 4
-    assert dict(sharding.make_mesh(devices=jax.devices()[:1]).shape) == dict.fromkeys(sharding.MESH_AXES, 1)
+    assert dict(sharding.make_mesh(devices=jax.devices()[:1]).shape) == dict.fromkeys(partitioning.MESH_AXES, 1)
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 
@@ -120,32 +117,34 @@ def test_mesh_from_config_section(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- rules
 def test_rules_are_validated_data():
-    rules = sharding.rules_dict()
-    assert set(rules) == set(sharding.LOGICAL_AXES)
+    rules = partitioning.rules_dict()
+    assert set(rules) == set(partitioning.LOGICAL_AXES)
     assert rules["act_batch"] == ("data", "fsdp", "expert") and rules["expert"] == "expert"
-    assert sharding.rules_dict(overrides={"embed": None, "mlp": ["tensor"]})["embed"] is None
+    assert partitioning.rules_dict(overrides={"embed": None, "mlp": ["tensor"]})["embed"] is None
     with pytest.raises(ShardingError, match="override 'embedd': no such logical axis"):
-        sharding.rules_dict(overrides={"embedd": None})
+        partitioning.rules_dict(overrides={"embedd": None})
     with pytest.raises(ShardingError, match="unknown mesh axis 'model'"):
-        sharding.rules_dict(overrides={"mlp": "model"})
+        partitioning.rules_dict(overrides={"mlp": "model"})
     with pytest.raises(ShardingError, match="names a mesh axis twice"):
-        sharding.rules_dict(overrides={"act_batch": ["data", "data"]})
+        partitioning.rules_dict(overrides={"act_batch": ["data", "data"]})
 
 
 def test_logical_to_spec_collisions_and_divisibility():
-    rules = sharding.rules_dict(overrides={"expert_mlp": "expert"})
+    rules = partitioning.rules_dict(overrides={"expert_mlp": "expert"})
     shape = {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
     with pytest.raises(ShardingError, match="mesh axis 'expert' is used by both logical axes 'expert' and"):
-        sharding.logical_to_spec(("expert", "embed", "expert_mlp"), rules, sharding.MESH_AXES, shape)
-    default = sharding.rules_dict()
-    assert sharding.logical_to_spec(("act_batch", "act_length"), default, sharding.MESH_AXES, shape) == P(
+        partitioning.logical_to_spec(("expert", "embed", "expert_mlp"), rules, partitioning.MESH_AXES, shape)
+    default = partitioning.rules_dict()
+    assert partitioning.logical_to_spec(("act_batch", "act_length"), default, partitioning.MESH_AXES, shape) == P(
         ("data", "expert")
     )
     # Activations: a dimension keeps the longest prefix of its mesh axes that divides it (a batch of 2 keeps data).
-    assert sharding.logical_to_spec(("act_batch", None), default, sharding.MESH_AXES, shape, (2, 5)) == P("data")
-    assert sharding.logical_to_spec(("act_batch", None), default, sharding.MESH_AXES, shape, (1, 5)) == P()
+    assert partitioning.logical_to_spec(("act_batch", None), default, partitioning.MESH_AXES, shape, (2, 5)) == P(
+        "data"
+    )
+    assert partitioning.logical_to_spec(("act_batch", None), default, partitioning.MESH_AXES, shape, (1, 5)) == P()
     with pytest.raises(ShardingError, match="rank 3"):
-        sharding.logical_to_spec(("act_batch", None), default, sharding.MESH_AXES, shape, (2, 5, 1))
+        partitioning.logical_to_spec(("act_batch", None), default, partitioning.MESH_AXES, shape, (2, 5, 1))
 
 
 def test_rule_overrides_from_config_end_to_end(tmp_path):
@@ -165,7 +164,7 @@ def test_rule_overrides_from_config_end_to_end(tmp_path):
     path = tmp_path / "rules.yaml"
     path.write_text(yaml_text)
     config = DeepseekConfig.from_file(path)
-    rules = sharding.rules_for(config)
+    rules = partitioning.rules_for(config)
     assert rules["embed"] is None and rules["expert_mlp"] is None and rules["act_batch"] == ("data", "fsdp")
     mesh = sharding.make_mesh(fsdp=2, expert=2, tensor=2)
     model = sharding.create_sharded_model(config, mesh, compiler_options=FAST_COMPILE)
@@ -175,7 +174,7 @@ def test_rule_overrides_from_config_end_to_end(tmp_path):
     assert sharding.batch_spec(mesh, rules) == P("fsdp")
     # The overrides travel with a checkpoint's options and are applied again on restore.
     checkpoint.write_config_files(tmp_path, config)
-    assert sharding.rules_for(checkpoint.read_config(tmp_path)) == rules
+    assert partitioning.rules_for(checkpoint.read_config(tmp_path)) == rules
     bad = config.with_options(logical_axis_rules={"experts": None})
     with pytest.raises(ShardingError, match="no such logical axis"):
         sharding.create_sharded_model(bad, mesh)
@@ -235,7 +234,7 @@ def test_golden_param_specs():
 def test_every_parameter_has_logical_axes_with_layers_first():
     config = small_config()
     params = nnx.state(abstract_model(config), nnx.Param)
-    rules = sharding.rules_dict()
+    rules = partitioning.rules_dict()
     for path, var in nnx.to_flat_state(params):
         axes = var.get_metadata().get("logical_axes")
         name = "/".join(map(str, path))
@@ -278,7 +277,7 @@ def test_activation_layouts(mesh_sizes, batch_spec, expert_spec, back_spec):
     def forward(state, ids):
         return nnx.merge(graphdef, state)(ids, training=True).logits
 
-    with sharding.use_mesh(mesh, sharding.rules_for(config)):
+    with partitioning.use_mesh(mesh, partitioning.rules_for(config)):
         jaxpr = jax.make_jaxpr(forward)(state, jax.ShapeDtypeStruct((b, t), jnp.int32))
     found = _constraints(jaxpr.jaxpr, [])
     by_shape = {}
@@ -301,6 +300,33 @@ def test_activation_layouts(mesh_sizes, batch_spec, expert_spec, back_spec):
     # Attention heads [B, T, N, D] over tensor.
     heads = by_shape[(b, t, config.num_attention_heads, config.head_dim)]
     assert set(heads) == {P(*batch_spec, None, "tensor") if tensor else batch_spec}
+
+
+def test_constrain_without_use_mesh_reads_jax_mesh_or_refuses():
+    """Outside `use_mesh`, `constrain` takes the mesh of ``jax.set_mesh`` (default rules); a function traced for
+    several devices with no mesh at all raises instead of silently dropping the constraint; one device: a no-op."""
+    mesh = sharding.make_mesh(fsdp=8)
+    on_8 = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P()))  # replicated over the 8 devices
+    on_1 = jnp.ones((8, 4))
+
+    def fn():  # a new function each time, so that no trace is reused across contexts
+        return lambda x: partitioning.constrain(x * 2, ("act_batch", None))
+
+    with jax.set_mesh(mesh):
+        assert _constraints(jax.make_jaxpr(fn())(on_8).jaxpr, []) == [((8, 4), P("fsdp"))]
+        out = jax.jit(fn())(on_8)
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp")), 2)
+    np.testing.assert_array_equal(np.asarray(out), 2 * np.ones((8, 4)))
+
+    with pytest.raises(ShardingError, match=r"constrain\(\('act_batch', None\)\) while tracing for 8 devices"):
+        jax.jit(fn())(on_8)
+    with pytest.raises(ShardingError, match="with no mesh set"):
+        jax.jit(fn()).lower(jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NamedSharding(mesh, P())))
+
+    assert _constraints(jax.make_jaxpr(fn())(on_1).jaxpr, []) == []
+    assert jax.jit(fn())(on_1).sharding.device_set == on_1.sharding.device_set
+    with partitioning.use_mesh(sharding.make_mesh(devices=jax.devices()[:1])):
+        assert _constraints(jax.make_jaxpr(fn())(on_1).jaxpr, []) == []
 
 
 # ----------------------------------------------------------------------------------------------- batches
@@ -396,7 +422,7 @@ def test_barrier_waits_only_with_several_processes(monkeypatch):
 # ----------------------------------------------------------------------------------------------- save / restore
 def test_save_on_one_mesh_restore_on_another(tmp_path):
     config = small_config(num_hidden_layers=2, first_k_dense_replace=0, options={"moe_group_size": 8})
-    rules = sharding.rules_for(config)
+    rules = partitioning.rules_for(config)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (8, 16)).astype(np.int32)
 
     def logits_on(model, mesh):

@@ -17,8 +17,8 @@ from conftest import small_config
 from flax import nnx
 from mp_worker import fast_compile
 
-from deepseekmoe_jax import sharding
-from deepseekmoe_jax.model import DeepseekForCausalLM
+from deepseekmoe_jax import partitioning, sharding
+from deepseekmoe_jax.model import DeepseekForCausalLM, abstract_model
 
 # Faster CPU compilation of the tiny test models; see mp_worker.fast_compile.
 FAST_COMPILE = fast_compile()
@@ -80,12 +80,12 @@ def reference():
     """Per mode: config, initial parameters (host copies) and the unsharded single-device results."""
     out = {}
     config = make_config(None)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0))))
+    graphdef, abstract = nnx.split(abstract_model(config))
     init = jax.jit(lambda: nnx.state(DeepseekForCausalLM(config, rngs=nnx.Rngs(0))), compiler_options=FAST_COMPILE)
     params = init()
     for mode, cf in MODES.items():
         config = make_config(cf)
-        graphdef = nnx.split(nnx.eval_shape(lambda c=config: DeepseekForCausalLM(c, rngs=nnx.Rngs(0))))[0]
+        graphdef = nnx.graphdef(abstract_model(config))
         batch = make_batch(config)
         grads, aux = jax.jit(make_step(graphdef), compiler_options=FAST_COMPILE)(params, batch)
         out[mode] = dict(config=config, graphdef=graphdef, batch=batch, grads=to_numpy(grads), aux=to_numpy(aux))
@@ -102,7 +102,7 @@ def sharded_runs(reference):
         if (mesh_name, mode) not in cache:
             r = ref[mode]
             mesh = sharding.make_mesh(**MESHES[mesh_name], config=r["config"])
-            rules = sharding.rules_for(r["config"])
+            rules = partitioning.rules_for(r["config"])
             shardings = sharding.param_shardings(params, rules, mesh)
             placed = jax.device_put(params, shardings)
             step = sharding.jit_step(make_step(r["graphdef"]), mesh, shardings, rules=rules)
@@ -168,7 +168,7 @@ def test_create_sharded_model_matches_reference_values(reference):
     mesh = sharding.make_mesh(fsdp=2, expert=2, tensor=2)
     model = sharding.create_sharded_model(config, mesh, seed=0, compiler_options=FAST_COMPILE)
     born = nnx.state(model)
-    expected = sharding.param_shardings(born, sharding.rules_for(config), mesh)
+    expected = sharding.param_shardings(born, partitioning.rules_for(config), mesh)
     for (path, a), (_, b), (_, s) in zip(
         nnx.to_flat_state(born), nnx.to_flat_state(params), nnx.to_flat_state(expected), strict=True
     ):

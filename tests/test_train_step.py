@@ -8,7 +8,7 @@ import pytest
 from conftest import small_config
 from flax import nnx, traverse_util
 
-from deepseekmoe_jax import DeepseekForCausalLM
+from deepseekmoe_jax.model import abstract_model
 from deepseekmoe_jax.train.optim import decay_mask, make_optimizer, make_schedule
 from deepseekmoe_jax.train.settings import TrainSettings
 from deepseekmoe_jax.train.step import ModelBuilder, TrainState, chunked_nll, make_train_step
@@ -23,7 +23,7 @@ CONFIG = small_config(num_hidden_layers=1, first_k_dense_replace=0, aux_loss_alp
 def random_params(config, seed=0):
     """Parameters drawn with numpy (N(0, init_std) matrices, unit norm weights): what the step is given does not
     depend on the model's own initialiser, and no per-parameter random kernels need compiling."""
-    abstract = nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(config)
     graphdef, params_state = nnx.split(abstract, nnx.Param)
     rng = np.random.RandomState(seed)
     flat = {}
