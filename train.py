@@ -5,7 +5,9 @@
     python train.py prepare --input FILES_OR_DIRS --output DIR --tokenizer bytes|tokenizer.json
 
 All logic lives in `deepseekmoe_jax.train`; this file parses arguments, reports versions and devices, and maps
-errors to exit codes (0 done, 2 bad input, 3 non-finite loss, 143 stopped by SIGTERM/SIGINT after saving).
+errors to exit codes (0 done, 2 bad input, 3 non-finite loss, 143 stopped by SIGTERM/SIGINT after saving, 130
+interrupted by Ctrl-C before training started or during ``prepare``). A bad input is one line ``error: ...`` on
+stderr naming the file, key or value and what to do, never a traceback.
 """
 
 from __future__ import annotations
@@ -38,7 +40,11 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run-dir", help="same as --set train.run_dir=DIR")
     p.add_argument("--steps", type=int, help="same as --set train.steps=N")
-    p.add_argument("--data", help="same as --set data.path=DIR (a directory made by 'prepare')")
+    p.add_argument(
+        "--data",
+        help="same as --set data.path=DIR --set data.corpus=null: train on a directory made by 'prepare' instead of "
+        "the config's built-in corpus",
+    )
     p.add_argument("--init-from", help="same as --set train.init_from=DIR: fine-tune a converted checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.add_argument(
@@ -163,6 +169,8 @@ def run_train(argv) -> int:
     ):
         if value is not None:
             overrides[key] = value
+    if args.data is not None:
+        overrides.setdefault("data.corpus", None)  # --data replaces the config's built-in corpus
 
     say = print if distributed.is_main_process() else (lambda *_a, **_k: None)  # errors still print on every process
     say(_versions())
@@ -193,9 +201,13 @@ def run_train(argv) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "prepare":
-        return run_prepare(argv[1:])
-    return run_train(argv)
+    try:
+        if argv and argv[0] == "prepare":
+            return run_prepare(argv[1:])
+        return run_train(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and returns 143 itself)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

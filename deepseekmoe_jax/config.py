@@ -652,14 +652,18 @@ class DeepseekConfig:
 
     @classmethod
     def from_hf(
-        cls, source: str | os.PathLike | Mapping[str, Any], options: ModelOptions | Mapping | None = None
+        cls,
+        source: str | os.PathLike | Mapping[str, Any],
+        options: ModelOptions | Mapping | None = None,
+        *,
+        where: str = "config",
     ) -> DeepseekConfig:
         """Read a HF config: a ``config.json`` path, a checkpoint directory holding one, or the parsed dict.
 
         Every key must be a `DeepseekConfig` field or a known HF bookkeeping key; anything else raises
-        `ConfigError` naming the key, because silently ignoring it could build a different model.
+        `ConfigError` naming the key, because silently ignoring it could build a different model. ``where``
+        names a parsed dict's origin in messages (a path names itself).
         """
-        where = "config"
         if not isinstance(source, Mapping):
             path = os.fspath(source)
             if os.path.isdir(path):
@@ -754,7 +758,7 @@ class DeepseekConfig:
             raise ConfigError(f"{where}: options: {e}") from None
         if model is None:
             return cls(options=options)
-        config = cls.from_hf(dict(model), options=options)
+        config = cls.from_hf(dict(model), options=options, where=where)
         try:
             config.check_token_ids(tuple(f for f in cls.TOKEN_ID_FIELDS if f in model))
         except ConfigError as e:

@@ -19,6 +19,7 @@ sequences consumed, which the checkpoint stores. A process reads only the rows i
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -32,7 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from deepseekmoe_jax.fs import make_staging_dir, publish_directory
+from deepseekmoe_jax.fs import (
+    PublishError,
+    fsync_tree,
+    make_staging_dir,
+    overlapping_input,
+    publish_directory,
+    remove_stale_staging,
+)
 from deepseekmoe_jax.train.tokenizer import HFTokenizer, Tokenizer
 
 DATASET_FILE = "dataset.json"
@@ -118,6 +126,69 @@ class TokenSplit:
         return out
 
 
+TOKEN_DTYPES = ("uint16", "uint32")
+
+
+def _read_meta(meta_path: str) -> dict[str, Any]:
+    """``dataset.json``, checked key by key: each problem is a `DataError` naming the file and the key."""
+    try:
+        with open(meta_path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{meta_path}: not UTF-8 text; the dataset is damaged: prepare it again") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{meta_path}: not valid JSON ({e}); the dataset is damaged: prepare it again") from None
+    except OSError as e:
+        raise DataError(f"{meta_path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(
+            f"{meta_path}: expected a JSON object, found a {type(meta).__name__}; the dataset is damaged: prepare it "
+            "again"
+        )
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise DataError(
+            f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}; "
+            f"expected {FORMAT!r} version {FORMAT_VERSION}"
+        )
+
+    def bad(key: str, expected: str, value: Any = None, missing: bool = False):
+        found = "is missing" if missing else f"is {value!r}"
+        raise DataError(
+            f"{meta_path}: key '{key}' {found}: expected {expected}; the dataset is damaged: prepare it again"
+        )
+
+    def get(obj: dict, key: str, where: str, check: Callable[[Any], bool], expected: str):
+        if key not in obj:
+            bad(where, expected, missing=True)
+        if not check(obj[key]):
+            bad(where, expected, obj[key])
+        return obj[key]
+
+    def count(lo: int) -> Callable[[Any], bool]:
+        return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    get(meta, "dtype", "dtype", lambda v: v in TOKEN_DTYPES, f"one of {list(TOKEN_DTYPES)}")
+    vocab = get(meta, "vocab_size", "vocab_size", count(1), "a positive integer")
+    get(meta, "eos_id", "eos_id", lambda v: count(0)(v) and v < vocab, f"a token id below vocab_size={vocab}")
+    get(meta, "tokenizer", "tokenizer", lambda v: isinstance(v, dict), "an object describing the tokenizer")
+    splits = get(meta, "splits", "splits", lambda v: isinstance(v, dict), "an object of split name -> counts")
+    for name, info in splits.items():
+        where = f"splits.{name}"
+        if not isinstance(info, dict):
+            bad(where, "an object with file, tokens, documents and max_token_id", info)
+        get(
+            info,
+            "file",
+            f"{where}.file",
+            lambda v: isinstance(v, str) and v not in ("", ".", "..") and os.path.basename(v) == v,
+            "a file name inside the dataset directory",
+        )
+        get(info, "tokens", f"{where}.tokens", count(0), "an integer >= 0")
+        get(info, "documents", f"{where}.documents", count(0), "an integer >= 0")
+        get(info, "max_token_id", f"{where}.max_token_id", count(-1), "an integer >= -1")
+    return meta
+
+
 class TokenDataset:
     """A prepared dataset directory (see the module docstring). Splits are memory-mapped, never read whole."""
 
@@ -129,34 +200,30 @@ class TokenDataset:
                 f"{self.directory}: no {DATASET_FILE}; make a dataset with "
                 "`python train.py prepare --input TEXT_FILES --output DIR --tokenizer bytes|tokenizer.json`"
             )
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{meta_path}: not valid JSON ({e})") from None
-        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-            raise DataError(
-                f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}; "
-                f"expected {FORMAT!r} version {FORMAT_VERSION}"
-            )
+        meta = _read_meta(meta_path)
         self.meta = meta
         self.dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-        self.vocab_size = int(meta["vocab_size"])
-        self.eos_id = int(meta["eos_id"])
+        self.vocab_size = meta["vocab_size"]
+        self.eos_id = meta["eos_id"]
         self.tokenizer = dict(meta["tokenizer"])
         self.splits: dict[str, TokenSplit] = {}
         for name, info in meta["splits"].items():
             path = os.path.join(self.directory, info["file"])
-            n = int(info["tokens"])
+            n = info["tokens"]
             size = os.path.getsize(path) if os.path.isfile(path) else -1
             if size != n * self.dtype.itemsize:
+                found = "no file" if size < 0 else f"{size} bytes"
+                if size > 0 and size % self.dtype.itemsize:
+                    found += f", not a whole number of {self.dtype.itemsize}-byte {self.dtype.name} tokens"
                 raise DataError(
                     f"{path}: expected {n} {self.dtype.name} tokens ({n * self.dtype.itemsize} bytes) as "
-                    f"{DATASET_FILE} says, found {'no file' if size < 0 else f'{size} bytes'}; "
-                    "the dataset is incomplete: prepare it again"
+                    f"{DATASET_FILE} says, found {found}; the dataset is incomplete: prepare it again"
                 )
-            tokens = np.memmap(path, self.dtype, mode="r", shape=(n,)) if n else np.zeros((0,), self.dtype)
-            self.splits[name] = TokenSplit(name, path, tokens, int(info["documents"]), int(info["max_token_id"]))
+            try:
+                tokens = np.memmap(path, self.dtype, mode="r", shape=(n,)) if n else np.zeros((0,), self.dtype)
+            except OSError as e:
+                raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+            self.splits[name] = TokenSplit(name, path, tokens, info["documents"], info["max_token_id"])
 
     def split(self, name: str) -> TokenSplit:
         if name not in self.splits:
@@ -300,24 +367,63 @@ def list_files(inputs: Sequence[str], pattern: str = "*", recursive: bool = True
     return files
 
 
+def _check_utf8(data: bytes, source: str, one_line: bool = False) -> bytes:
+    """``data`` unchanged if it is UTF-8 text, else a `DataError` naming ``source``, the line (unless ``data`` is
+    ``one_line`` of a file that ``source`` already names with its line number), the column and the byte."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        where = f"column {column}" if one_line else f"line {line}, column {column}"
+        raise DataError(
+            f"{source}: {where}: not UTF-8 text (byte 0x{data[e.start]:02x}); prepare reads "
+            "UTF-8 text only: convert the file to UTF-8 or leave it out (--pattern selects the files of a directory)"
+        ) from None
+    return data
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return _check_utf8(f.read(), path)
+    except OSError as e:
+        raise DataError(f"--input {path}: cannot read ({e.strerror or e})") from None
+
+
+def _jsonl_documents(path: str, text_key: str) -> Iterator[Document]:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"--input {path}: cannot read ({e.strerror or e})") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            _check_utf8(line, f"{path}:{lineno}", one_line=True)
+            try:
+                text = json.loads(line)[text_key]
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                text = None
+            if not isinstance(text, str):
+                raise DataError(
+                    f"{path}:{lineno}: expected a JSON object with a string field {text_key!r} "
+                    "(choose the field with --text-key)"
+                )
+            yield Document(f"{path}:{lineno}", path, lambda t=text: t.encode("utf-8"))
+
+
 def iter_documents(files: Iterable[str], text_key: str = "text") -> Iterator[Document]:
-    """Plain files are one document each; ``.jsonl`` files give one document per line (field ``text_key``)."""
+    """Plain files are one document each; ``.jsonl`` files give one document per line (field ``text_key``).
+
+    Input must be UTF-8 text: a file (or JSONL line) that is not is a `DataError` naming it, the line and the
+    offending byte, rather than being tokenized with replacement characters (which would silently train on
+    mojibake) or, for the byte tokenizer, as bytes of another encoding."""
     for path in files:
         if path.endswith(".jsonl"):
-            with open(path, "rb") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)[text_key]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise DataError(
-                            f"{path}:{lineno}: expected a JSON object with a string field {text_key!r} "
-                            "(choose the field with --text-key)"
-                        ) from None
-                    yield Document(f"{path}:{lineno}", path, lambda t=text: str(t).encode("utf-8"))
+            yield from _jsonl_documents(path, text_key)
         else:
-            yield Document(path, path, lambda p=path: open(p, "rb").read())
+            yield Document(path, path, lambda p=path: _read_file(p))
 
 
 def _chunks(docs: Iterator[Document], size: int) -> Iterator[tuple[list[Document], int]]:
@@ -358,6 +464,7 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
     batch_documents: int = 64,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Tokenize text files into a dataset directory (see the module docstring) and return its metadata.
 
@@ -365,18 +472,28 @@ def prepare(
     name (and ``seed``) falls below ``val_fraction`` (so the split does not depend on file order); with
     ``val_fraction > 0`` and no document selected, the one with the smallest hash is held out, as long as at least
     two documents exist. The directory is built under a temporary name and renamed when complete; an existing
-    ``output`` is only replaced with ``overwrite=True``.
+    ``output`` is only replaced with ``overwrite=True``, and only if it is a dataset (or an empty directory).
+
+    Every check comes before anything is written: an ``output`` that is, contains or lies inside one of
+    ``inputs`` is refused (it would delete or rewrite what is read), as is one that cannot be created. Staging
+    directories of ``output`` left behind by a killed ``prepare`` are removed, one ``log`` line each (default:
+    stderr). On any failure, directories this call created are removed again.
     """
     from tqdm import tqdm
 
+    say = log if log is not None else (lambda msg: print(msg, file=sys.stderr))
     output = os.path.abspath(os.fspath(output))
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction {val_fraction}: expected a number in [0, 1)")
-    if os.path.exists(output) and not overwrite:
-        raise DataError(f"{output} already exists; choose another --output or pass --overwrite to replace it")
+    _check_output(output, inputs)
     files = list_files(inputs, pattern)
     if not files:
         raise DataError(f"no input files found in {list(inputs)} (pattern {pattern!r})")
+    created = _missing_dirs(output)
+    for stale in remove_stale_staging(output):
+        say(f"removed {stale}: a staging directory of {os.path.basename(output)} left by an interrupted prepare")
+    if os.path.lexists(output):
+        _check_replaceable(output, overwrite)
     dtype = token_dtype(tokenizer.vocab_size)
 
     root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
@@ -390,10 +507,13 @@ def prepare(
         if not any(held_out(f) for f in files):
             forced = min(files, key=lambda f: _unit_hash(os.path.relpath(f, root), seed))
 
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = make_staging_dir(output)
+    tmp = None
     try:
+        try:
+            os.makedirs(os.path.dirname(output), exist_ok=True)
+            tmp = make_staging_dir(output)
+        except OSError as e:
+            raise DataError(f"--output {output}: cannot create it ({e.strerror or e})") from None
         stats = {name: {"file": f"{name}.bin", "tokens": 0, "documents": 0, "max_token_id": -1} for name in SPLITS}
         handles = {name: open(os.path.join(tmp, f"{name}.bin"), "wb") for name in SPLITS}
         try:
@@ -446,11 +566,72 @@ def prepare(
         with open(os.path.join(tmp, DATASET_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
+        fsync_tree(tmp)
         publish_directory(tmp, output)  # an existing dataset stays in place until the new one is complete
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        if isinstance(e, PublishError):
+            raise DataError(str(e)) from None
+        if isinstance(e, OSError):
+            raise DataError(f"--output {output}: cannot write it ({e.strerror or e})") from None
         raise
     return meta
+
+
+def _missing_dirs(output: str) -> list[str]:
+    """The ancestors of ``output`` that do not exist, outermost first; refuses an ``output`` whose nearest
+    existing ancestor is not a writable directory."""
+    missing = []
+    d = os.path.dirname(output)
+    while not os.path.exists(d):
+        missing.append(d)
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    if not os.path.isdir(d):
+        raise DataError(
+            f"--output {output}: {d} is not a directory, so nothing can be created inside it; choose another --output"
+        )
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise DataError(f"--output {output}: cannot write in {d} (permission denied); choose another --output")
+    return missing[::-1]
+
+
+def _check_output(output: str, inputs: Sequence[str]) -> None:
+    """Refuse an ``output`` that is, contains or lies inside one of ``inputs``."""
+    src = overlapping_input(output, inputs)
+    if src is None:
+        return
+    out_real, src_real = os.path.realpath(output), os.path.realpath(src)
+    if out_real == src_real:
+        how = "is"
+    elif src_real.startswith(out_real.rstrip(os.sep) + os.sep):
+        how = "contains"
+    else:
+        how = "lies inside"
+    raise DataError(
+        f"--output {output} {how} the input {src}: writing it would delete or change what prepare reads; "
+        "choose an --output outside the inputs"
+    )
+
+
+def _check_replaceable(output: str, overwrite: bool) -> None:
+    """An existing ``output`` may be replaced only with ``overwrite``, and only if it is a dataset directory (or
+    an empty one): ``--overwrite`` with a mistyped path must not delete unrelated files."""
+    if not overwrite:
+        raise DataError(f"{output} already exists; choose another --output or pass --overwrite to replace it")
+    if not os.path.isdir(output) or os.path.islink(output):
+        raise DataError(f"{output} exists and is not a directory; --overwrite replaces only a dataset directory")
+    if os.listdir(output) and not os.path.isfile(os.path.join(output, DATASET_FILE)):
+        raise DataError(
+            f"{output} is not a dataset (no {DATASET_FILE}) and not empty; --overwrite replaces only a dataset "
+            "made by prepare: choose another --output or remove the directory yourself"
+        )
 
 
 def stdlib_sources() -> list[str]:
