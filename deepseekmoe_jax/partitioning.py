@@ -225,7 +225,8 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     with `DEFAULT_RULES`. With neither, a value traced for several devices (its abstract type names a mesh of more
     than one device: the function was called with sharded arrays or shardings) raises `ShardingError` rather than
     drop the constraint; a single-device trace, and eager (untraced) execution, leave ``x`` as it is. So does a
-    one-device mesh.
+    one-device mesh. (Host arrays passed to a ``jax.jit`` with ``in_shardings`` carry no mesh in their abstract
+    type, so such a trace looks like a single-device one: trace it under `use_mesh` or ``jax.set_mesh``.)
 
     A dimension that a rule's mesh axes do not divide keeps only the axes that do (see `logical_to_spec`).
     """
