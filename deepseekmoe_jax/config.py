@@ -799,6 +799,8 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path}: line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{path}: {_yaml_error_text(e)}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: cannot parse: {_yaml_error_text(e)}") from None
     if not isinstance(raw, dict):

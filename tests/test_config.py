@@ -177,3 +177,57 @@ def test_capacity_formula():
     assert capacity(512, 6, 64, None, 4) == 512  # no-drop: every token can have a slot at every expert
     assert capacity(8, 2, 64, 1.0, 4) == 4  # min_capacity
     assert capacity(4, 2, 2, 8.0, 1) == 4  # never more than the group size
+
+
+def test_config_files_read_numbers_and_refuse_duplicate_keys(tmp_path):
+    import yaml
+
+    from deepseekmoe_jax.config import load_yaml, read_config_file
+
+    numbers = {"1e-5": 1e-5, "1E5": 1e5, "-2e-3": -2e-3, "1_000": 1000, ".5": 0.5, "+1.0e+3": 1e3, "1.0e-06": 1e-6}
+    for text, value in numbers.items():
+        assert load_yaml(f"x: {text}") == {"x": value}, text
+        assert parse_value(text) == value, text
+    for text in ("abc", ".", "1e", "e5", "1.2.3", "nan"):  # not numbers: strings as before
+        assert load_yaml(f"x: {text}") == {"x": text}, text
+    assert yaml.safe_load("x: 1e-5") == {"x": "1e-5"}  # the global SafeLoader is left alone
+    # Merge keys may be overridden; a key written twice is refused with both lines.
+    assert load_yaml("a: &a {x: 1}\nb:\n  <<: *a\n  x: 2\n")["b"] == {"x": 2}
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  steps: 1\n  eps: 1e-8\n  steps: 2\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: line 4: duplicate key 'steps' \(first at line 2\)"):
+        read_config_file(path)
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError) as err:
+        read_config_file(path)
+    assert "\n" not in str(err.value) and "line 2" in str(err.value)
+
+
+def test_options_have_types_and_ranges():
+    assert ModelOptions(capacity_factor_train=2).capacity_factor_train == 2.0
+    assert isinstance(ModelOptions(capacity_factor_train=2).capacity_factor_train, float)
+    for kwargs, message in [
+        ({"moe_group_size": 1.5}, "options.moe_group_size=1.5: expected an integer >= 1"),
+        ({"moe_group_size": True}, "options.moe_group_size=True: expected an integer >= 1"),
+        ({"scan_layers": "false"}, "options.scan_layers='false': expected true or false"),
+        ({"init_std": float("nan")}, "options.init_std=nan: expected a number > 0"),
+        ({"capacity_factor_eval": -1}, "options.capacity_factor_eval=-1: expected a number > 0 or null"),
+        ({"attention_impl": "flash"}, "options.attention_impl='flash': expected one of"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            ModelOptions(**kwargs)
+        assert str(err.value).startswith(message), str(err.value)
+
+
+def test_token_ids_of_a_project_config_fit_the_vocabulary():
+    with pytest.raises(
+        ConfigError, match=r"x.yaml: config field .eos_token_id.=512: expected a token id in \[0, vocab_size=512\)"
+    ):
+        DeepseekConfig.from_project_dict({"model": {"vocab_size": 512, "eos_token_id": 512}}, where="x.yaml")
+    with pytest.raises(ConfigError, match=r"'bos_token_id'=-1"):
+        DeepseekConfig.from_project_dict({"model": {"vocab_size": 512, "bos_token_id": -1}})
+    # Ids the file does not give keep the reference defaults, as HF does (bos 100000 with a small vocabulary).
+    config = DeepseekConfig.from_project_dict({"model": {"vocab_size": 512, "eos_token_id": [2, 3]}})
+    assert config.bos_token_id == 100000 and config.eos_token_id == (2, 3)
+    with pytest.raises(ConfigError, match="rms_norm_eps"):
+        small_config(rms_norm_eps=float("inf"))
