@@ -104,6 +104,17 @@ def test_overwrite_replaces_only_a_dataset(cli, capsys, tmp_path):
     assert tree_digest(tmp_path) == before
 
 
+def test_overwrite_still_replaces_a_dataset(cli, capsys, tmp_path):
+    _write_corpus(tmp_path / "corpus")
+    argv = ["prepare", "--input", tmp_path / "corpus", "--output", tmp_path / "data", "--tokenizer", "bytes"]
+    assert run(cli, capsys, [*argv, "--no-progress"])[0] == 0
+    (tmp_path / "corpus" / "extra.txt").write_text("one more document\n")
+    code, out, err = run(cli, capsys, [*argv, "--no-progress", "--overwrite"])
+    assert code == 0, err
+    assert _meta(tmp_path / "data")["sources"]["files"] == 7
+    assert sorted(os.listdir(tmp_path)) == ["corpus", "data"]  # no staging or moved-aside directory left
+
+
 # ----------------------------------------------------------------------------------------------- 2. YAML numbers
 @pytest.mark.parametrize(
     "text, value",
