@@ -1,20 +1,5 @@
-"""``deepseekmoe-convert``: DeepSeekMoE v1 checkpoints between Hugging Face (PyTorch) and JAX, streaming.
+"""``python -m convert``: the converter's command line, run from a checkout (the same as ``deepseekmoe-convert``).
 
-Subcommands (``python -m convert --help``):
-  * ``hf-to-jax HF_DIR OUT_DIR``: a HF checkpoint directory (safetensors or ``pytorch_model*.bin``, sharded or
-    not) -> a JAX model directory (Orbax ``params/`` + config + tokenizer files); `convert_hf_to_jax`.
-  * ``jax-to-hf CKPT_DIR OUT_DIR``: a JAX model directory or training step -> HF safetensors shards;
-    `convert_jax_to_hf`.
-  * ``inspect DIR``: config, parameter count, dtype and per-layer layout of either kind of directory; `describe`.
-  * ``verify HF_DIR JAX_DIR``: logits of the converted model against the PyTorch reference; `verify_parity`.
-
-Peak memory is independent of the model's depth: about 0.5 GB for deepseek-moe-16b (see docs/benchmarks.md).
+Nothing lives here: the command line is `deepseekmoe_jax.cli.convert` and the library `deepseekmoe_jax.convert`.
+This package is not installed; it exists so that ``python -m convert`` works in the repository root.
 """
-
-from convert.common import ConvertError
-from convert.describe import describe
-from convert.hf_to_jax import convert_hf_to_jax
-from convert.jax_to_hf import convert_jax_to_hf
-from convert.verify import verify_parity
-
-__all__ = ["ConvertError", "convert_hf_to_jax", "convert_jax_to_hf", "describe", "verify_parity"]

@@ -34,7 +34,7 @@ from deepseekmoe_jax.checkpoint import (
     read_config,
 )
 from deepseekmoe_jax.config import ConfigError, DeepseekConfig
-from deepseekmoe_jax.train.tokenizer import Tokenizer, TokenizerError, load_tokenizer, tokenizer_from_arg
+from deepseekmoe_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer, tokenizer_from_arg
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> str:

@@ -2,8 +2,8 @@
 that names the file / key / value, and every tree that existed before left exactly as it was; non-finite numbers
 never pass ``verify``; staging directories left by a killed writer are cleaned up by the next run.
 
-The CLIs run as users run them: ``convert.__main__.main(argv)`` and ``deepseekmoe_jax.sample.main(argv)`` in this
-process (as the other CLI tests do), and one case through ``python -m convert`` in a subprocess.
+The CLIs run as users run them: ``deepseekmoe_jax.cli.convert.main(argv)`` and ``deepseekmoe_jax.sample.main(argv)``
+in this process (as the other CLI tests do), and one case through ``python -m convert`` in a subprocess.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from conftest import small_config
 from safetensors.torch import load_file, save_file
 from test_convert_helpers import ROOT, finish, start_cli, write_hf_checkpoint, write_tokenizer_files
 
-from convert.__main__ import main as convert_main
 from deepseekmoe_jax import sample as sample_lib
 from deepseekmoe_jax.checkpoint import leaf_path, save_checkpoint
+from deepseekmoe_jax.cli.convert import main as convert_main
 from deepseekmoe_jax.hf_weights import iter_targets, model_from_hf_state_dict
 from deepseekmoe_jax.reference import build_reference, reference_state_dict
 
@@ -327,7 +327,7 @@ def test_sample_converted_checkpoint_uses_config_eos_and_bos(ckpts, capsys):
 
 def test_prepare_hint_still_names_its_option(tmp_path):
     """train.py prepare has --eos-token; its message keeps naming it (the sampler passes its own hint)."""
-    from deepseekmoe_jax.train.tokenizer import TokenizerError, tokenizer_from_arg
+    from deepseekmoe_jax.tokenizer import TokenizerError, tokenizer_from_arg
 
     write_tokenizer_files(str(tmp_path), 10)
     with pytest.raises(TokenizerError, match="--eos-token"):

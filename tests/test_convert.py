@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,8 +31,8 @@ from test_convert_helpers import (
     write_hf_checkpoint,
 )
 
-from convert.__main__ import main
 from deepseekmoe_jax.checkpoint import PARAMS_DIR, load_checkpoint, save_checkpoint, write_config_files
+from deepseekmoe_jax.cli.convert import main
 from deepseekmoe_jax.hf_weights import to_hf_state_dict
 from deepseekmoe_jax.reference import build_reference, load_reference_state_dict, reference_logits, reference_state_dict
 
@@ -191,10 +192,10 @@ def test_large_tensors_stream_in_row_blocks(variants, tmp_path, monkeypatch):
     go through in blocks of rows, both ways, with the same result as whole-tensor conversion."""
     import orbax.checkpoint as ocp
 
-    import convert.common
     import deepseekmoe_jax.checkpoint
+    import deepseekmoe_jax.convert.common
 
-    monkeypatch.setattr(convert.common, "BLOCK_BYTES", 1000)
+    monkeypatch.setattr(deepseekmoe_jax.convert.common, "BLOCK_BYTES", 1000)
     monkeypatch.setattr(deepseekmoe_jax.checkpoint, "_CHUNK_TARGET_BYTES", 2000)
     v = variants["moe_shared"]
     blocked = str(tmp_path / "jax")
@@ -204,8 +205,7 @@ def test_large_tensors_stream_in_row_blocks(variants, tmp_path, monkeypatch):
     assert chunks[1] < v.config.vocab_size  # several blocks of HF rows (= vocab columns of the JAX kernel)
     a = ocp.StandardCheckpointer().restore(os.path.join(blocked, PARAMS_DIR))
     b = ocp.StandardCheckpointer().restore(os.path.join(v.jax_dir, PARAMS_DIR))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
+    chex.assert_trees_all_equal(a, b)
     assert main(["jax-to-hf", blocked, str(tmp_path / "hf"), "--no-progress"]) == 0
     original, back = load_hf_tensors(v.hf_dir), load_hf_tensors(str(tmp_path / "hf"))
     assert sorted(original) == sorted(back) and all(same_bits(original[k], back[k]) for k in original)
@@ -295,8 +295,7 @@ def test_save_checkpoint_round_trips_through_hf(tmp_path):
     assert again.config.options.param_dtype == "float32"
     a, b = param_tree(model), param_tree(again)
     assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(a, b)
 
 
 def test_inspect_jax_and_hf_directories(variants, capsys):
@@ -417,5 +416,4 @@ def test_legacy_bin_shards_are_held_one_at_a_time(variants, tmp_path, monkeypatc
     assert len(held) == len(opened[0].tensors) and max(held) == 1
     a = ocp.StandardCheckpointer().restore(os.path.join(out, PARAMS_DIR))
     b = ocp.StandardCheckpointer().restore(os.path.join(v.jax_dir, PARAMS_DIR))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
+    chex.assert_trees_all_equal(a, b)

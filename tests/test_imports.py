@@ -1,7 +1,8 @@
 """No import circles between the project's modules, function-local imports included.
 
-Every module of ``deepseekmoe_jax``, ``convert`` and ``train.py`` is parsed; each ``import`` and ``from ... import``
-anywhere in it (top level or inside a function) that names a project module becomes an edge of a module graph:
+Every module of ``deepseekmoe_jax`` (its ``convert`` and ``cli`` packages included), the checkout's ``convert``
+wrapper and ``train.py`` is parsed; each ``import`` and ``from ... import`` anywhere in it (top level or inside a
+function) that names a project module becomes an edge of a module graph:
 
 - ``import a.b.c`` -> ``a.b.c``; ``from a.b import c`` -> ``a.b``, and ``a.b.c`` too when that is a module. So
   ``from deepseekmoe_jax import distributed`` imports the package ``__init__`` as well as ``distributed``.
@@ -26,7 +27,8 @@ Edge = tuple[str, int]  # (imported module, line of the import in the importing 
 
 
 def project_modules(root: pathlib.Path = ROOT) -> dict[str, pathlib.Path]:
-    """Dotted module name -> file, for the package, the converter and the training script."""
+    """Dotted module name -> file, for the package (with deepseekmoe_jax.convert and deepseekmoe_jax.cli), the
+    top-level ``convert`` wrapper and the training script."""
     modules = {}
     for package in ("deepseekmoe_jax", "convert"):
         for path in sorted((root / package).rglob("*.py")):
@@ -193,15 +195,26 @@ KNOWN_EDGES = {
         "deepseekmoe_jax/train/loop.py: `from deepseekmoe_jax.train import flops as flops_lib` imports the package "
         "deepseekmoe_jax.train, whose __init__ imports loop; write `import deepseekmoe_jax.train.flops as flops_lib`"
     ),
-    ("convert.hf_to_jax", "convert"): (
-        "convert/hf_to_jax.py: `from convert import common` imports the package convert, whose __init__ imports "
-        "hf_to_jax; write `import convert.common as common`"
-    ),
-    ("convert.jax_to_hf", "convert"): (
-        "convert/jax_to_hf.py: `from convert import common` imports the package convert, whose __init__ imports "
-        "jax_to_hf; write `import convert.common as common`"
-    ),
 }
+
+
+def test_the_module_list_covers_the_entry_points_and_the_converter():
+    modules = project_modules()
+    for name in (
+        "train",
+        "convert",
+        "convert.__main__",
+        "deepseekmoe_jax.cli.convert",
+        "deepseekmoe_jax.cli.train",
+        "deepseekmoe_jax.convert",
+        "deepseekmoe_jax.convert.common",
+        "deepseekmoe_jax.convert.describe",
+        "deepseekmoe_jax.convert.hf_to_jax",
+        "deepseekmoe_jax.convert.jax_to_hf",
+        "deepseekmoe_jax.convert.verify",
+        "deepseekmoe_jax.tokenizer",
+    ):
+        assert name in modules, name
 
 
 def _without(graph: dict[str, set[Edge]], removed) -> dict[str, set[Edge]]:

@@ -1,5 +1,6 @@
 """Execution variants that must not change the numbers: rematerialisation policies and unrolled layers."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,13 +49,11 @@ def test_remat_policies_give_the_same_gradients(setup, policy):
     assert _has_remat(remat, state, ids) and not _has_remat(config, state, ids)
     loss, grads = _loss_and_grads(remat, state, ids)
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-7)
 
 
 def test_unrolled_layers_equal_scanned_layers(setup):
     config, state, ids, (ref_loss, ref_grads) = setup
     loss, grads = _loss_and_grads(config.with_options(scan_layers=False), state, ids)
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-7)

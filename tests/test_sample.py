@@ -12,7 +12,7 @@ from flax import nnx, traverse_util
 from deepseekmoe_jax import sample as sample_lib
 from deepseekmoe_jax.checkpoint import save_params, write_config_files
 from deepseekmoe_jax.model import abstract_model
-from deepseekmoe_jax.train.tokenizer import ByteTokenizer
+from deepseekmoe_jax.tokenizer import ByteTokenizer
 
 CONFIG = small_config(vocab_size=260, num_hidden_layers=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 

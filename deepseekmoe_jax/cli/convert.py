@@ -1,4 +1,4 @@
-"""Command line: ``python -m convert`` / ``deepseekmoe-convert``. Parses arguments and calls the library."""
+"""``deepseekmoe-convert`` (also ``python -m convert``): parses arguments and calls `deepseekmoe_jax.convert`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 import textwrap
 
-from convert.common import DTYPE_CHOICES, ConvertError, log
+from deepseekmoe_jax.convert.common import DTYPE_CHOICES, ConvertError, log
 from deepseekmoe_jax.hf_io import DEFAULT_MAX_SHARD_BYTES
 
 EPILOG = textwrap.dedent(
@@ -189,17 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     user_errors = (ConvertError, CheckpointError, ConfigError, HFCheckpointError, WeightError, ShardingError)
     try:
         if args.command == "inspect":
-            from convert.describe import describe
+            from deepseekmoe_jax.convert.describe import describe
 
             print(describe(args.dir))
             return 0
 
-        from convert.common import limit_heap_growth, versions_line
+        from deepseekmoe_jax.convert.common import limit_heap_growth, versions_line
 
         limit_heap_growth()
         log(versions_line())
         if args.command == "hf-to-jax":
-            from convert.hf_to_jax import convert_hf_to_jax
+            from deepseekmoe_jax.convert.hf_to_jax import convert_hf_to_jax
 
             convert_hf_to_jax(
                 args.hf_dir,
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 refuse_nonfinite=args.refuse_nonfinite,
             )
         elif args.command == "jax-to-hf":
-            from convert.jax_to_hf import convert_jax_to_hf
+            from deepseekmoe_jax.convert.jax_to_hf import convert_jax_to_hf
 
             try:
                 max_bytes = DEFAULT_MAX_SHARD_BYTES if args.max_shard_size is None else parse_size(args.max_shard_size)
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.no_progress,
             )
         elif args.command == "verify":
-            from convert.verify import verify_parity
+            from deepseekmoe_jax.convert.verify import verify_parity
 
             result = verify_parity(
                 args.hf_dir,

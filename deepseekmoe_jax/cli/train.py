@@ -1,10 +1,10 @@
-"""Train a DeepSeekMoE model, or prepare token files for training.
+"""``deepseekmoe-train`` (also ``python train.py`` in a checkout): train a DeepSeekMoE model, or prepare token files.
 
-    python train.py                                        # built-in demo: configs/tiny.yaml on Python's stdlib
-    python train.py --config configs/X.yaml [--set train.steps=1000 ...]
-    python train.py prepare --input FILES_OR_DIRS --output DIR --tokenizer bytes|tokenizer.json
+    deepseekmoe-train                                      # built-in demo: configs/tiny.yaml on Python's stdlib
+    deepseekmoe-train --config configs/X.yaml [--set train.steps=1000 ...]
+    deepseekmoe-train prepare --input FILES_OR_DIRS --output DIR --tokenizer bytes|tokenizer.json
 
-All logic lives in `deepseekmoe_jax.train`; this file parses arguments, reports versions and devices, and maps
+All logic lives in `deepseekmoe_jax.train`; this module parses arguments, reports versions and devices, and maps
 errors to exit codes (0 done, 2 bad input, 3 non-finite loss, 143 stopped by SIGTERM/SIGINT after saving, 130
 interrupted by Ctrl-C before training started or during ``prepare``). A bad input is one line ``error: ...`` on
 stderr naming the file, key or value and what to do, never a traceback.
@@ -17,17 +17,20 @@ import os
 import shlex
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CONFIG = os.path.join(HERE, "configs", "tiny.yaml")
+# The repository's configs/ (a checkout or an editable install); elsewhere configs/tiny.yaml under the working
+# directory.
+_REPO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+DEFAULT_CONFIG = os.path.join(_REPO_CONFIG if os.path.isdir(_REPO_CONFIG) else "configs", "tiny.yaml")
+DEFAULT_PROG = "deepseekmoe-train"
 SAMPLE_PROMPT = "def "
 
 
-def _train_parser() -> argparse.ArgumentParser:
+def _train_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python train.py",
+        prog=prog,
         description="Train (or fine-tune) a DeepSeekMoE model. With no arguments: the built-in demo "
         "(configs/tiny.yaml on the Python standard library's source, byte-level tokens, CPU, a few minutes). "
-        "Subcommand: 'python train.py prepare --help' makes token files.",
+        f"Subcommand: '{prog} prepare --help' makes token files.",
     )
     p.add_argument("--config", default=DEFAULT_CONFIG, help="project config with model/options/train/data/mesh")
     p.add_argument(
@@ -57,9 +60,9 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _prepare_parser() -> argparse.ArgumentParser:
+def _prepare_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python train.py prepare",
+        prog=f"{prog} prepare",
         description="Tokenize text into a dataset directory: dataset.json + train.bin/val.bin (uint16 or uint32 "
         "token ids, documents separated by the eos id). Plain files are one document each; .jsonl files give one "
         "document per line.",
@@ -107,10 +110,11 @@ def _devices() -> str:
     )
 
 
-def run_prepare(argv) -> int:
-    args = _prepare_parser().parse_args(argv)
+def run_prepare(argv, prog: str = DEFAULT_PROG) -> int:
+    """``prepare``: tokenize text files into a dataset directory (`deepseekmoe_jax.train.data.prepare`)."""
+    args = _prepare_parser(prog).parse_args(argv)
+    from deepseekmoe_jax.tokenizer import TokenizerError, tokenizer_from_arg
     from deepseekmoe_jax.train.data import DataError, prepare
-    from deepseekmoe_jax.train.tokenizer import TokenizerError, tokenizer_from_arg
 
     try:
         tok = tokenizer_from_arg(args.tokenizer, eos_token=args.eos_token, bos_token=args.bos_token)
@@ -138,8 +142,9 @@ def run_prepare(argv) -> int:
     return 0
 
 
-def run_train(argv) -> int:
-    args = _train_parser().parse_args(argv)
+def run_train(argv, prog: str = DEFAULT_PROG) -> int:
+    """Train from a project config (`deepseekmoe_jax.train.train`); returns the exit status."""
+    args = _train_parser(prog).parse_args(argv)
     from deepseekmoe_jax import distributed
 
     try:  # before any other JAX call; a no-op for a single process
@@ -150,9 +155,9 @@ def run_train(argv) -> int:
     from deepseekmoe_jax.checkpoint import CheckpointError
     from deepseekmoe_jax.config import ConfigError, parse_value
     from deepseekmoe_jax.sharding import ShardingError
+    from deepseekmoe_jax.tokenizer import TokenizerError
     from deepseekmoe_jax.train import EXIT_TERMINATED, DataError, NonFiniteLoss, TrainError, load_run_config, train
     from deepseekmoe_jax.train.loop import display_path
-    from deepseekmoe_jax.train.tokenizer import TokenizerError
 
     overrides = {}
     for item in args.overrides:
@@ -199,12 +204,14 @@ def run_train(argv) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, prog: str = DEFAULT_PROG) -> int:
+    """Run the command line (``argv`` defaults to ``sys.argv[1:]``); returns the exit status. ``prog`` is the
+    command's name in usage and help texts."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "prepare":
-            return run_prepare(argv[1:])
-        return run_train(argv)
+            return run_prepare(argv[1:], prog)
+        return run_train(argv, prog)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and returns 143 itself)
         print("interrupted", file=sys.stderr)
         return 130

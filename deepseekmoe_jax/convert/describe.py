@@ -12,7 +12,6 @@ import os
 import re
 from collections.abc import Callable
 
-from convert.common import ConvertError, human_bytes
 from deepseekmoe_jax.checkpoint import (
     METADATA_FILE,
     PARAMS_DIR,
@@ -21,6 +20,7 @@ from deepseekmoe_jax.checkpoint import (
     read_config,
 )
 from deepseekmoe_jax.config import DeepseekConfig
+from deepseekmoe_jax.convert.common import ConvertError, human_bytes
 from deepseekmoe_jax.hf_io import HFCheckpoint
 from deepseekmoe_jax.hf_weights import KEY_TABLE
 from deepseekmoe_jax.model import MOE, layer_kinds, layer_plan, locate_layer
@@ -135,7 +135,7 @@ def _segment_text(config: DeepseekConfig) -> list[str]:
 
 
 def _describe_hf(path: str) -> list[str]:
-    from convert.hf_to_jax import check_against_config, read_hf_config
+    from deepseekmoe_jax.convert.hf_to_jax import check_against_config, read_hf_config
 
     config = read_hf_config(path)
     with HFCheckpoint.open(path) as ckpt:

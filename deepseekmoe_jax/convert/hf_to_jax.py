@@ -16,8 +16,10 @@ import time
 
 import numpy as np
 
-from convert import common
-from convert.common import (
+import deepseekmoe_jax.convert.common as common
+from deepseekmoe_jax.checkpoint import PARAMS_DIR, ParamsWriter, leaf_path, write_config_files
+from deepseekmoe_jax.config import ConfigError, DeepseekConfig
+from deepseekmoe_jax.convert.common import (
     ConvertError,
     check_output,
     config_fields,
@@ -32,8 +34,6 @@ from convert.common import (
     staging_dir,
     with_stored_dtype,
 )
-from deepseekmoe_jax.checkpoint import PARAMS_DIR, ParamsWriter, leaf_path, write_config_files
-from deepseekmoe_jax.config import ConfigError, DeepseekConfig
 from deepseekmoe_jax.hf_io import HFCheckpoint, iter_file_order, numpy_dtype, unreadable_dtype_error
 from deepseekmoe_jax.hf_weights import KeyTarget, hf_key_shapes, is_ignored_key, iter_targets
 

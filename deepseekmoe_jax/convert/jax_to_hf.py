@@ -17,8 +17,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from convert import common
-from convert.common import (
+import deepseekmoe_jax.convert.common as common
+from deepseekmoe_jax.checkpoint import CONFIG_FILE, METADATA_FILE, ParamsReader, find_config_dir, leaf_path, read_config
+from deepseekmoe_jax.convert.common import (
     SIDE_FILES,
     check_output,
     copy_side_files,
@@ -31,7 +32,6 @@ from convert.common import (
     staging_dir,
     with_stored_dtype,
 )
-from deepseekmoe_jax.checkpoint import CONFIG_FILE, METADATA_FILE, ParamsReader, find_config_dir, leaf_path, read_config
 from deepseekmoe_jax.hf_io import (
     DEFAULT_MAX_SHARD_BYTES,
     SAFE_INDEX,

@@ -23,8 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.common import ConvertError, log
-from convert.hf_to_jax import check_against_config, read_hf_config
 from deepseekmoe_jax.checkpoint import (
     ParamsReader,
     find_config_dir,
@@ -34,6 +32,8 @@ from deepseekmoe_jax.checkpoint import (
     read_config,
 )
 from deepseekmoe_jax.config import DeepseekConfig
+from deepseekmoe_jax.convert.common import ConvertError, log
+from deepseekmoe_jax.convert.hf_to_jax import check_against_config, read_hf_config
 from deepseekmoe_jax.hf_io import HFCheckpoint
 from deepseekmoe_jax.hf_weights import iter_targets
 
