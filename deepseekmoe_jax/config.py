@@ -4,30 +4,34 @@
 same names and class defaults, so that a checkpoint's own config file is the source of truth. Everything that is
 particular to this JAX implementation (dtypes, MoE dispatch settings, attention kernel, rematerialisation) lives in
 a separate `ModelOptions` object attached as ``config.options``; it is never written into ``config.json``.
+
+Reading project config files (YAML/JSON, overrides) lives in `deepseekmoe_jax.config_files`, the declarative
+settings checks and `ConfigError` in `deepseekmoe_jax.validation`.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import json
 import math
 import os
-import re
-import types
-import typing
 from collections.abc import Mapping
 from typing import Any
 
-import yaml
-
+# parse_value and check_section_keys are only re-exported, for modules that still import them from here
+# (train/settings.py, cli/train.py, bench/); their homes are config_files and validation.
+from deepseekmoe_jax.config_files import (
+    apply_overrides,
+    parse_value,  # noqa: F401 (re-exported)
+    read_config_file,
+)
 from deepseekmoe_jax.fs import write_text_atomically
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or inconsistent. The message names the field."""
-
+from deepseekmoe_jax.validation import (
+    ConfigError,
+    check_section_keys,  # noqa: F401 (re-exported)
+    check_settings,
+    setting,
+)
 
 # Keys that HF writes into config.json as bookkeeping. They do not change the computation; they are kept verbatim
 # so that `to_hf()` reproduces the file.
@@ -48,236 +52,6 @@ _HF_METADATA_KEYS = (
 _DTYPES = ("float32", "bfloat16", "float16")
 _ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe_outputs")
-
-
-# ----------------------------------------------------------------------------------------------- settings checks
-INT_MAX = 2**31 - 1  # the upper bound of integer settings without one of their own: device counters are int32
-
-
-@dataclasses.dataclass(frozen=True)
-class Check:
-    """The range of one setting, kept in its dataclass field's metadata (see `setting`); the type comes from the
-    field's annotation. ``gt``/``ge``/``lt``/``le`` bound numbers (every element of a tuple), ``choices`` lists
-    the allowed values, ``also`` values allowed outside the range (``-1`` for "all remaining devices"),
-    ``nonempty`` refuses an empty string and ``note`` is said after what is expected."""
-
-    gt: float | None = None
-    ge: float | None = None
-    lt: float | None = None
-    le: float | None = None
-    choices: tuple[Any, ...] | None = None
-    also: tuple[Any, ...] = ()
-    nonempty: bool = False
-    note: str | None = None
-
-
-def setting(default: Any = dataclasses.MISSING, **check) -> Any:
-    """A dataclass field with a default and a `Check` (``setting(1e-3, gt=0)``), read by `check_settings`."""
-    return dataclasses.field(default=default, metadata={"check": Check(**check)})
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return _is_int(v) or isinstance(v, float)
-
-
-def _fmt(x) -> str:
-    return str(int(x)) if isinstance(x, float) and x.is_integer() else repr(x)
-
-
-def _range_text(c: Check) -> str:
-    lo = ("[", c.ge) if c.ge is not None else ("(", c.gt) if c.gt is not None else None
-    hi = ("]", c.le) if c.le is not None else (")", c.lt) if c.lt is not None else None
-    if lo and hi:
-        return f" in {lo[0]}{_fmt(lo[1])}, {_fmt(hi[1])}{hi[0]}"
-    if lo:
-        return f" {'>=' if lo[0] == '[' else '>'} {_fmt(lo[1])}"
-    if hi:
-        return f" {'<=' if hi[0] == ']' else '<'} {_fmt(hi[1])}"
-    return ""
-
-
-def _in_range(v, c: Check) -> bool:
-    if isinstance(v, float) and not math.isfinite(v):
-        return False
-    return (
-        (c.gt is None or v > c.gt)
-        and (c.ge is None or v >= c.ge)
-        and (c.lt is None or v < c.lt)
-        and (c.le is None or v <= c.le)
-    )
-
-
-@functools.cache
-def _field_rules(cls) -> tuple[tuple[str, Any, bool, Check], ...]:
-    """(name, base type, nullable, check) of every annotated field of ``cls``."""
-    hints = typing.get_type_hints(cls)
-    rules = []
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        hint = hints[f.name]
-        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        nullable = type(None) in args
-        bases = [a for a in args if a is not type(None)]
-        base = bases[0] if len(bases) == 1 else Any
-        if typing.get_origin(base) is tuple and typing.get_args(base) != (float, Ellipsis):
-            base = Any  # structured values (logical_axis_rules) are checked by their owner
-        check = f.metadata.get("check", Check())
-        rules.append((f.name, base, nullable, check))
-    return tuple(rules)
-
-
-def _expected(base, nullable: bool, c: Check, value: Any = None) -> str:
-    if c.choices is not None:
-        text = f"one of {list(c.choices)}"
-    elif base is bool:
-        text = "true or false"
-    elif base is int:
-        text = "an integer" + _range_text(c)
-        if _is_int(value) and value > INT_MAX and c.le is None and c.lt is None:
-            text += f" and <= {INT_MAX}"
-    elif base is float:
-        text = "a number" + _range_text(c)
-    elif base is str:
-        text = "a non-empty string" if c.nonempty else "a string"
-    elif typing.get_origin(base) is tuple:
-        text = "a list of numbers" + _range_text(c)
-    else:
-        text = "a value"
-    for extra in c.also:
-        text += f" or {extra!r}"
-    if nullable:
-        text += " or null"
-    if c.note:
-        text += f" ({c.note})"
-    return text
-
-
-def _checked(v, base, c: Check):
-    """``v`` converted to ``base`` (an int becomes a float where a number is expected, a list a tuple), or raise
-    ValueError if it is not a valid value."""
-    if c.also and any(v == a and type(v) is type(a) for a in c.also):
-        return v
-    if base is bool:
-        ok = isinstance(v, bool)
-    elif base is int:
-        ok = _is_int(v) and _in_range(v, c) and (c.le is not None or c.lt is not None or v <= INT_MAX)
-    elif base is float:
-        ok = _is_number(v) and _in_range(float(v), c)
-        v = float(v) if ok else v
-    elif base is str:
-        ok = isinstance(v, str) and not (c.nonempty and not v)
-    elif typing.get_origin(base) is tuple:
-        ok = isinstance(v, list | tuple) and all(_is_number(x) and _in_range(float(x), c) for x in v)
-        v = tuple(float(x) for x in v) if ok else v
-    else:
-        return v
-    if ok and c.choices is not None:
-        ok = v in c.choices
-    if not ok:
-        raise ValueError
-    return v
-
-
-def check_settings(obj, section: str) -> None:
-    """Check every field of the (frozen) dataclass ``obj`` against its annotated type and `Check`, normalising
-    values in place (ints to floats for numbers, lists to tuples); raise `ConfigError` naming ``section.key``,
-    the value and what is expected. Numbers must be finite; booleans are never numbers."""
-    for name, base, nullable, c in _field_rules(type(obj)):
-        v = getattr(obj, name)
-        if v is None and nullable:
-            continue
-        try:
-            new = _checked(v, base, c)
-        except ValueError:
-            raise ConfigError(f"{section}.{name}={v!r}: expected {_expected(base, nullable, c, v)}") from None
-        if new is not v:
-            object.__setattr__(obj, name, new)
-
-
-def check_section_keys(cls, raw: Any, section: str) -> dict[str, Any]:
-    """``raw`` (one section of a config file) as a dict, refusing a non-mapping and unknown keys."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"'{section}': expected a mapping of settings, found {raw!r}")
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in '{section}'; known keys are {sorted(known)}")
-    return dict(raw)
-
-
-# ----------------------------------------------------------------------------------------------- YAML reading
-# YAML 1.1 (what PyYAML implements) only calls a scalar a float if it has a dot, so "1e-5" would be read as a
-# string. This resolver accepts every spelling Python's float() does (signs, exponents without a dot, "_" digit
-# separators, ".5", "1.") plus YAML's .inf/.nan and base-60 floats, and only in this project's loader.
-_FLOAT_RE = re.compile(
-    r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9][0-9_]*)?
-        |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9][0-9_]*)?
-        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9][0-9_]*
-        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-    re.X,
-)
-
-
-class DuplicateKeyError(yaml.constructor.ConstructorError):
-    """A mapping of a YAML file names the same key twice."""
-
-    def __init__(self, key, first: int, line: int):
-        super().__init__(problem=f"duplicate key {key!r} (first at line {first})")
-        self.key, self.first, self.line = key, first, line
-
-
-class ConfigLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` with `_FLOAT_RE` for floats and duplicate keys refused (`DuplicateKeyError`)."""
-
-    yaml_implicit_resolvers = {
-        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    hash(key)
-                except TypeError:
-                    continue  # refused by the base class with its own message
-                line = key_node.start_mark.line + 1
-                if key in seen:
-                    raise DuplicateKeyError(key, seen[key], line)
-                seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
-
-
-def load_yaml(text: str) -> Any:
-    """Parse YAML text with `ConfigLoader` (numbers in every ordinary spelling, no duplicate keys)."""
-    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-def _yaml_error_text(e: yaml.YAMLError) -> str:
-    """One line: where (line, column) and what, without PyYAML's multi-line excerpt of the file."""
-    if isinstance(e, DuplicateKeyError):
-        return f"line {e.line}: {e.problem}; remove one of them"
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    context = getattr(e, "context", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return f"{where}{problem}" + (f" ({context})" if context else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -769,81 +543,15 @@ class DeepseekConfig:
         return {"model": self.to_hf(), "options": self.options.to_dict()}
 
 
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Parse a ``.yaml``/``.yml``/``.json`` config. A bare HF config.json becomes ``{"model": {...}}``.
-
-    YAML is read with `ConfigLoader`: numbers in every ordinary spelling (``1e-5`` is a float, as for ``--set``)
-    and duplicate keys refused; JSON objects may not repeat a key either. Every failure is a one-line
-    `ConfigError` naming the file (and the line where there is one)."""
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a config file") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
-            "a config file is YAML or JSON text"
-        ) from None
-    try:
-        raw = json.loads(text, object_pairs_hook=_unique_json_object) if path.endswith(".json") else load_yaml(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    except DuplicateKeyError as e:
-        raise ConfigError(f"{path}: {_yaml_error_text(e)}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: cannot parse: {_yaml_error_text(e)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, found {type(raw).__name__}")
-    if path.endswith(".json") and "model" not in raw:
-        raw = {"model": raw}
-    return raw
+def differing_fields(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, a[key], b[key])`` for every key, sorted, whose value differs between ``a`` and ``b``; a key that one
+    side lacks reads as None there. For "which config fields differ" checks, e.g. of two ``to_hf()`` dicts."""
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def _unique_json_object(pairs):
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise ConfigError(f"duplicate key {key!r} in a JSON object; remove one of them")
-        out[key] = value
-    return out
-
-
-def parse_value(text: str) -> Any:
-    """Parse an override value the way a config file would (``1e-3``, ``true``, ``null``, ``[1, 2]``); text
-    that is not valid YAML stays a string."""
-    try:
-        return load_yaml(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Return a deep copy of ``raw`` with dotted-key ``overrides`` applied (``{"options.dtype": "bfloat16"}``)."""
-    out = copy.deepcopy(dict(raw))
-    for key, value in overrides.items():
-        parts = key.split(".")
-        if not all(parts):
-            raise ConfigError(f"override {key!r}: expected a dotted key such as train.steps")
-        node = out
-        for p in parts[:-1]:
-            if node.get(p) is None:
-                node[p] = {}
-            if not isinstance(node[p], dict):
-                raise ConfigError(f"override {key!r}: '{p}' is not a section")
-            node = node[p]
-        node[parts[-1]] = value
-    return out
+def format_changes(diffs: list[tuple[str, Any, Any]]) -> str:
+    """`differing_fields` as ``"key: old -> new, ..."`` (values as ``repr``), for messages."""
+    return ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diffs)
 
 
 def capacity(group_size: int, k: int, n_experts: int, capacity_factor: float | None, min_capacity: int) -> int:

@@ -1,4 +1,5 @@
-"""DeepseekConfig: HF round trip, validation errors that name the field, project options kept apart, presets."""
+"""DeepseekConfig: HF round trip, validation errors that name the field, project options kept apart, presets;
+reading config files (config_files) and comparing configs field by field."""
 
 import json
 
@@ -6,7 +7,8 @@ import pytest
 from conftest import ROOT, small_config
 
 from deepseekmoe_jax import ConfigError, DeepseekConfig, ModelOptions
-from deepseekmoe_jax.config import apply_overrides, capacity, parse_value
+from deepseekmoe_jax.config import capacity, differing_fields, format_changes
+from deepseekmoe_jax.config_files import apply_overrides, load_yaml, parse_value, read_config_file
 from deepseekmoe_jax.model import layer_kinds, layer_plan, locate_layer
 
 # The config.json of deepseek-moe-16b-base, field for field (spec).
@@ -182,8 +184,6 @@ def test_capacity_formula():
 def test_config_files_read_numbers_and_refuse_duplicate_keys(tmp_path):
     import yaml
 
-    from deepseekmoe_jax.config import load_yaml, read_config_file
-
     numbers = {"1e-5": 1e-5, "1E5": 1e5, "-2e-3": -2e-3, "1_000": 1000, ".5": 0.5, "+1.0e+3": 1e3, "1.0e-06": 1e-6}
     for text, value in numbers.items():
         assert load_yaml(f"x: {text}") == {"x": value}, text
@@ -231,3 +231,17 @@ def test_token_ids_of_a_project_config_fit_the_vocabulary():
     assert config.bos_token_id == 100000 and config.eos_token_id == (2, 3)
     with pytest.raises(ConfigError, match="rms_norm_eps"):
         small_config(rms_norm_eps=float("inf"))
+
+
+def test_differing_fields():
+    old = small_config().to_hf(metadata=False)
+    new = small_config(hidden_size=128, rope_theta=5e5).to_hf(metadata=False)
+    assert differing_fields(old, new) == [
+        ("hidden_size", old["hidden_size"], 128),
+        ("rope_theta", old["rope_theta"], 500000.0),
+    ]
+    assert differing_fields(old, dict(old)) == []
+    # Keys of either side count, sorted; a missing key reads as None.
+    diffs = differing_fields({"b": 1, "a": "x", "n": None}, {"a": "y", "c": 2})
+    assert diffs == [("a", "x", "y"), ("b", 1, None), ("c", None, 2)]
+    assert format_changes(diffs) == "a: 'x' -> 'y', b: 1 -> None, c: None -> 2"
