@@ -1,5 +1,5 @@
-"""Model directories: save/load with Orbax, restoring straight onto a different mesh, the streaming writer's
-layout (checked at 16B size without allocating), the slice reader on both Orbax storage layouts, and errors."""
+"""Model directories: save/load with Orbax, restoring straight onto a different mesh (also from the converted
+layout), training-step layouts, publishing safely, and errors."""
 
 from __future__ import annotations
 
@@ -12,23 +12,19 @@ import pytest
 from conftest import small_config
 from flax import nnx
 from test_convert_helpers import model_logits, random_model
+from test_param_store import flat_params, write_converted
 
-from deepseekmoe_jax import DeepseekConfig
 from deepseekmoe_jax.checkpoint import (
     PARAMS_DIR,
     CheckpointError,
-    ParamsReader,
-    ParamsWriter,
-    leaf_path,
     load_checkpoint,
-    param_specs,
-    param_tree,
     read_config,
     save_checkpoint,
     save_params,
     write_config_files,
 )
 from deepseekmoe_jax.model import abstract_model
+from deepseekmoe_jax.param_store import ParamsReader, leaf_path
 from deepseekmoe_jax.partitioning import rules_for
 from deepseekmoe_jax.sharding import make_mesh, param_shardings
 
@@ -36,11 +32,6 @@ CONFIG = small_config()
 # Two MoE layers in one scanned segment: the smallest model whose sharded forward pass covers every layer kind
 # that mesh axes touch (experts, heads, vocab); each compile on 8 fake devices costs seconds.
 MESH_CONFIG = small_config(first_k_dense_replace=0, num_hidden_layers=2)
-
-
-def flat_params(model) -> dict:
-    flat, _ = jax.tree_util.tree_flatten_with_path(param_tree(model))
-    return {leaf_path(tuple(getattr(k, "key", k) for k in keys)): v for keys, v in flat}
 
 
 def expected_shardings(config, mesh) -> dict:
@@ -80,19 +71,9 @@ def test_restore_onto_other_meshes(tmp_path):
     np.testing.assert_allclose(model_logits(single, ids), want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
-def _write_converted(model, directory: str) -> None:
-    """A converted-layout directory (per-leaf zarr arrays, chunked per layer/expert) written by ParamsWriter."""
-    os.makedirs(directory)
-    write_config_files(directory, model.config)
-    writer = ParamsWriter(os.path.join(directory, PARAMS_DIR), model.config)
-    for path, value in flat_params(model).items():
-        writer.write(path, (), np.asarray(value))
-    writer.close()
-
-
 def test_converted_layout_restores_onto_a_mesh(tmp_path):
     model = random_model(CONFIG, seed=2)
-    _write_converted(model, str(tmp_path / "conv"))
+    write_converted(model, str(tmp_path / "conv"))
     mesh = make_mesh(fsdp=2, expert=2, tensor=2)
     restored = load_checkpoint(str(tmp_path / "conv"), mesh=mesh)
     shardings = expected_shardings(CONFIG, mesh)
@@ -111,44 +92,6 @@ def test_load_with_dtype(tmp_path):
     for path, value in flat_params(restored).items():
         assert value.dtype == jax.numpy.bfloat16
         np.testing.assert_array_equal(np.asarray(value), np.asarray(original[path]).astype(value.dtype))
-
-
-def test_reader_reads_both_orbax_layouts(tmp_path):
-    model = random_model(CONFIG, seed=5)
-    save_checkpoint(model, str(tmp_path / "ocdbt"))
-    _write_converted(model, str(tmp_path / "zarr"))
-    a, b = ParamsReader(str(tmp_path / "ocdbt")), ParamsReader(str(tmp_path / "zarr"))
-    assert a.use_ocdbt and not b.use_ocdbt
-    path = ("model", "segments", "1", "layers", "0", "mlp", "experts", "w_down")
-    want = np.asarray(flat_params(model)[path])
-    for reader in (a, b):
-        assert reader.shape(path) == want.shape
-        np.testing.assert_array_equal(reader.read(path, (2, 5)), want[2, 5])
-        np.testing.assert_array_equal(reader.read(path, (1,)), want[1])
-        np.testing.assert_array_equal(reader.read(path), want)
-
-
-def test_16b_writer_layout_without_allocating(tmp_path):
-    """At full 16B size the writer's arrays hold one chunk per layer and per expert (every HF tensor fills whole
-    chunks) and no chunk exceeds 16 MiB; only metadata is written, no data."""
-    config = DeepseekConfig.from_file(os.path.join(os.path.dirname(__file__), "..", "configs", "deepseekmoe-16b.yaml"))
-    config = config.with_options(param_dtype="bfloat16")
-    params = str(tmp_path / "params")
-    writer = ParamsWriter(params, config)
-    specs = param_specs(config)
-    assert sum(int(np.prod(s.shape)) for s in specs.values()) == 16_375_728_128
-    for path, spec in specs.items():
-        with open(os.path.join(params, ".".join(path), ".zarray")) as f:
-            zarray = json.load(f)
-        assert tuple(zarray["shape"]) == spec.shape and zarray["dtype"] == "bfloat16"
-        chunks = zarray["chunks"]
-        assert np.prod(chunks) * 2 <= 16 * 2**20, path
-        for axis, size, chunk in zip(spec.axes, spec.shape, chunks, strict=True):
-            assert chunk == (1 if axis in ("layers", "expert") else chunk) and chunk <= size
-    experts = specs[("model", "segments", "1", "layers", "0", "mlp", "experts", "w_gate")]
-    assert experts.shape == (27, 64, 2048, 1408)
-    writer.abort()
-    assert sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(params) for f in fs) < 10**6
 
 
 def test_train_step_layout_finds_config(tmp_path):
@@ -180,7 +123,7 @@ def test_missing_chunk_is_reported_not_read_as_zeros(tmp_path):
     missing chunk as zeros; loading and slice reading must both refuse, naming the array and the chunk."""
     model = random_model(CONFIG, seed=8)
     directory = str(tmp_path / "conv")
-    _write_converted(model, directory)
+    write_converted(model, directory)
     name = "model.segments.1.layers.0.mlp.experts.w_up"
     array_dir = os.path.join(directory, PARAMS_DIR, name)
     chunks = sorted(f for f in os.listdir(array_dir) if not f.startswith("."))
