@@ -6,15 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from deepseekmoe_jax.train.data import (
-    BatchSource,
-    DataError,
-    TokenDataset,
-    global_batch,
-    permute,
-    prepare,
-)
-from deepseekmoe_jax.train.tokenizer import (
+from deepseekmoe_jax.tokenizer import (
     BYTE_EOS_ID,
     BYTE_OFFSET,
     ByteTokenizer,
@@ -22,6 +14,14 @@ from deepseekmoe_jax.train.tokenizer import (
     TokenizerError,
     load_tokenizer,
     tokenizer_from_arg,
+)
+from deepseekmoe_jax.train.data import (
+    BatchSource,
+    DataError,
+    TokenDataset,
+    global_batch,
+    permute,
+    prepare,
 )
 
 TEXTS = {
