@@ -671,29 +671,6 @@ def write_index(directory: str, shards: Sequence[Sequence[PlannedTensor]], names
         f.write("\n")
 
 
-def save_safetensors_sharded(
-    directory: str,
-    tensors: Iterable[tuple[str, np.ndarray]],
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-) -> list[str]:
-    """Write an in-memory iterable of ``(key, array)`` as HF safetensors shards (+ index when more than one).
-
-    A convenience for small checkpoints and tests; streaming producers use `SafetensorsWriter` directly.
-    """
-    items = list(tensors)
-    plan = [PlannedTensor(k, tuple(v.shape), np.dtype(v.dtype)) for k, v in items]
-    shards = plan_shards(plan, max_shard_bytes)
-    names = shard_file_names(len(shards))
-    values = dict(items)
-    for shard, name in zip(shards, names, strict=True):
-        with SafetensorsWriter(os.path.join(directory, name), shard) as w:
-            for t in shard:
-                w.write(t.key, values[t.key])
-    if len(shards) > 1:
-        write_index(directory, shards, names)
-    return names
-
-
 def parse_size(text: str) -> int:
     """``"5GB"`` -> 5_000_000_000, ``"200MiB"`` -> 209715200, ``"1000"`` -> 1000 (HF's decimal/binary units)."""
     s = str(text).strip().upper().replace(" ", "")

@@ -22,10 +22,6 @@ from deepseekmoe_jax.partitioning import constrain, sharded
 Array = jax.Array
 
 
-def dtype_of(name: str) -> jnp.dtype:
-    return jnp.dtype(name)
-
-
 def make_param(
     rngs: nnx.Rngs | None,
     shape: Sequence[int],

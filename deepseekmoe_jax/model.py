@@ -10,6 +10,7 @@ grow with depth. `locate_layer` maps an absolute layer index to (segment, positi
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
 
 import flax.struct
@@ -25,7 +26,12 @@ from deepseekmoe_jax.partitioning import constrain
 
 Array = jax.Array
 
-DENSE, MOE = "dense", "moe"
+
+class LayerKind(enum.StrEnum):
+    """What a decoder layer's MLP is: a dense SwiGLU or a MoE block (string-valued, as printed and compared)."""
+
+    DENSE = "dense"
+    MOE = "moe"
 
 
 # ----------------------------------------------------------------------------------------------- layer plan
@@ -33,7 +39,7 @@ DENSE, MOE = "dense", "moe"
 class Segment:
     """``repeats`` consecutive copies of a block of layers whose kinds are ``kinds``, starting at ``first_layer``."""
 
-    kinds: tuple[str, ...]
+    kinds: tuple[LayerKind, ...]
     repeats: int
     first_layer: int
 
@@ -45,20 +51,20 @@ class Segment:
         return self.first_layer + repeat * len(self.kinds) + position
 
 
-def layer_kinds(config: DeepseekConfig) -> tuple[str, ...]:
-    return tuple(MOE if config.is_moe_layer(i) else DENSE for i in range(config.num_hidden_layers))
+def layer_kinds(config: DeepseekConfig) -> tuple[LayerKind, ...]:
+    return tuple(LayerKind.MOE if config.is_moe_layer(i) else LayerKind.DENSE for i in range(config.num_hidden_layers))
 
 
 def layer_plan(config: DeepseekConfig) -> tuple[Segment, ...]:
     """Split the layer sequence into scanned segments (see the module docstring)."""
     kinds = layer_kinds(config)
     n = len(kinds)
-    if MOE not in kinds:
-        return (Segment((DENSE,), n, 0),)
+    if LayerKind.MOE not in kinds:
+        return (Segment((LayerKind.DENSE,), n, 0),)
     segments = []
-    first_moe = kinds.index(MOE)
+    first_moe = kinds.index(LayerKind.MOE)
     if first_moe:
-        segments.append(Segment((DENSE,), first_moe, 0))
+        segments.append(Segment((LayerKind.DENSE,), first_moe, 0))
     period = config.moe_layer_freq
     full = (n - first_moe) // period
     if full:
@@ -83,7 +89,7 @@ def locate_layer(config: DeepseekConfig, layer: int) -> tuple[int, int, int]:
 
 
 def moe_layer_indices(config: DeepseekConfig) -> tuple[int, ...]:
-    return tuple(i for i, k in enumerate(layer_kinds(config)) if k == MOE)
+    return tuple(i for i, k in enumerate(layer_kinds(config)) if k == LayerKind.MOE)
 
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -97,14 +103,14 @@ _REMAT_POLICIES = {
 class DecoderLayer(nnx.Module):
     """Pre-norm decoder layer: ``h = x + attn(norm(x)); y = h + mlp(norm(h))`` with a dense or MoE ``mlp``."""
 
-    def __init__(self, config: DeepseekConfig, kind: str, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
+    def __init__(self, config: DeepseekConfig, kind: LayerKind, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
         c = config
         pd = jnp.dtype(c.options.param_dtype)
         self.kind = kind
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=pd, stack=stack)
         self.self_attn = Attention(c, rngs=rngs, stack=stack)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=pd, stack=stack)
-        if kind == MOE:
+        if kind == LayerKind.MOE:
             self.mlp = MoEBlock(c, rngs=rngs, stack=stack)
         else:
             self.mlp = MLP(c, c.intermediate_size, rngs=rngs, stack=stack)
@@ -115,7 +121,7 @@ class DecoderLayer(nnx.Module):
         attn = checkpoint_name(self.self_attn(self.input_layernorm(x), cos, sin, mask), "attn_out")
         h = constrain(x + attn, ("act_batch", "act_length", "act_embed"))
         normed = self.post_attention_layernorm(h)
-        if self.kind == MOE:
+        if self.kind == LayerKind.MOE:
             moe = self.mlp(normed, token_mask, training=training)
             out, aux, metrics = moe.out, moe.aux_loss, moe.metrics
         else:

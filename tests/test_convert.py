@@ -27,6 +27,7 @@ from test_convert_helpers import (
     random_ids,
     random_model,
     same_bits,
+    save_safetensors_sharded,
     start_cli,
     write_hf_checkpoint,
 )
@@ -315,8 +316,6 @@ def test_inspect_jax_and_hf_directories(variants, capsys):
 
 
 def test_verify_passes_and_catches_a_wrong_weight(variants, tmp_path, capsys):
-    from deepseekmoe_jax.hf_io import save_safetensors_sharded
-
     v = variants["gqa_freq2"]
     assert main(["verify", v.hf_dir, v.jax_dir, "--batches", "1", "--num-layers", "3"]) == 0
     assert "PASS" in capsys.readouterr().out

@@ -188,3 +188,29 @@ def model_logits(model, ids, mask=None, mesh=None) -> np.ndarray:
     with context:
         compiled = jax.jit(forward).lower(state, ids, mask).compile(compiler_options=FAST_COMPILE)
         return np.asarray(compiled(state, ids, mask))
+
+
+def save_safetensors_sharded(directory: str, tensors) -> list[str]:
+    """Write an iterable of ``(key, numpy array)`` as HF safetensors shards of at most 5 GB (+ index when more than
+    one) with the package's own writer, as jax-to-hf does."""
+    from deepseekmoe_jax.hf_io import (
+        DEFAULT_MAX_SHARD_BYTES,
+        PlannedTensor,
+        SafetensorsWriter,
+        plan_shards,
+        shard_file_names,
+        write_index,
+    )
+
+    items = list(tensors)
+    plan = [PlannedTensor(k, tuple(v.shape), np.dtype(v.dtype)) for k, v in items]
+    shards = plan_shards(plan, DEFAULT_MAX_SHARD_BYTES)
+    names = shard_file_names(len(shards))
+    values = dict(items)
+    for shard, name in zip(shards, names, strict=True):
+        with SafetensorsWriter(os.path.join(directory, name), shard) as w:
+            for t in shard:
+                w.write(t.key, values[t.key])
+    if len(shards) > 1:
+        write_index(directory, shards, names)
+    return names

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Callable
 
 from deepseekmoe_jax.checkpoint import (
@@ -23,7 +22,7 @@ from deepseekmoe_jax.config import DeepseekConfig
 from deepseekmoe_jax.convert.common import ConvertError, human_bytes
 from deepseekmoe_jax.hf_io import HFCheckpoint
 from deepseekmoe_jax.hf_weights import KEY_TABLE
-from deepseekmoe_jax.model import MOE, layer_kinds, layer_plan, locate_layer
+from deepseekmoe_jax.model import LayerKind, layer_kinds, layer_plan, locate_layer
 
 # Layer-relative parameter names in the order of the key table (attention, MLP, ...), for readable output.
 _TABLE_ORDER = {rule.path.replace("/", "."): i for i, rule in enumerate(KEY_TABLE)}
@@ -36,7 +35,7 @@ def _shape(s) -> str:
 def _config_lines(config: DeepseekConfig) -> list[str]:
     c = config
     kinds = layer_kinds(c)
-    n_moe = sum(k == MOE for k in kinds)
+    n_moe = sum(k == LayerKind.MOE for k in kinds)
     lines = [
         f"model        DeepSeekMoE v1: {c.num_hidden_layers} layers ({len(kinds) - n_moe} dense, {n_moe} MoE), "
         f"hidden {c.hidden_size}, {c.num_attention_heads} heads ({c.num_key_value_heads} key/value, head_dim "
@@ -73,7 +72,7 @@ def _group_layers(config: DeepseekConfig, describe_layer: Callable[[int], dict[s
     lines = []
     for first, last, kind, desc in blocks:
         span = f"layer {first}" if first == last else f"layers {first}-{last}"
-        lines.append(f"  {span} ({'MoE' if kind == MOE else 'dense'}):")
+        lines.append(f"  {span} ({'MoE' if kind == LayerKind.MOE else 'dense'}):")
         groups: dict[str, list[str]] = {}
         for name, shape in desc.items():
             head, _, rest = name.rpartition(".")
@@ -155,11 +154,10 @@ def _describe_hf(path: str) -> list[str]:
             f"{index}" + (f"; {len(ignored)} rotary buffer(s) ignored" if ignored else "")
         )
         by_layer: dict[int, dict[str, str]] = {}
-        for key in targets:
-            m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
-            if m:
-                name = re.sub(r"experts\.\d+\.", "experts.{j}.", m.group(2)).removesuffix(".weight")
-                by_layer.setdefault(int(m.group(1)), {})[name] = _shape(ckpt.tensors[key].shape)
+        for key, target in targets.items():
+            if target.layer is not None:
+                name = target.rule.hf.removesuffix(".weight")  # per-expert keys as one "experts.{j}..." line
+                by_layer.setdefault(target.layer, {})[name] = _shape(ckpt.tensors[key].shape)
         if config.is_moe:
             lines.append(f"per layer (torch [out, in]; {{j}} = 0..{config.n_routed_experts - 1}):")
         else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import time
 
 import numpy as np
@@ -35,7 +34,7 @@ from deepseekmoe_jax.convert.common import (
     with_stored_dtype,
 )
 from deepseekmoe_jax.hf_io import HFCheckpoint, iter_file_order, numpy_dtype, unreadable_dtype_error
-from deepseekmoe_jax.hf_weights import KeyTarget, hf_key_shapes, is_ignored_key, iter_targets
+from deepseekmoe_jax.hf_weights import KeyTarget, hf_key_shapes, is_ignored_key, iter_targets, key_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,35 +48,9 @@ class ConversionSummary:
     ignored_keys: tuple[str, ...]
 
 
-def _fields_for_key(key: str) -> tuple[str, ...]:
-    """The config.json fields that decide whether ``key`` exists and what shape it has (for error messages)."""
-    if "embed_tokens" in key:
-        return ("vocab_size", "hidden_size")
-    if key.startswith("lm_head"):
-        return ("vocab_size", "hidden_size", "tie_word_embeddings")
-    if "shared_experts" in key:
-        return ("n_shared_experts", "moe_intermediate_size", "hidden_size")
-    if re.search(r"\.experts\.\d+\.", key):
-        return ("n_routed_experts", "moe_intermediate_size", "hidden_size")
-    if ".mlp.gate." in key:
-        return ("n_routed_experts", "hidden_size")
-    if ".mlp." in key:
-        return ("intermediate_size", "hidden_size", "first_k_dense_replace", "moe_layer_freq")
-    if key.endswith(".bias"):
-        return ("attention_bias",)
-    if "k_proj" in key or "v_proj" in key:
-        return ("num_key_value_heads", "num_attention_heads", "hidden_size")
-    if "self_attn" in key:
-        return ("num_attention_heads", "hidden_size")
-    return ("hidden_size",)
-
-
 def _hint(key: str, config: DeepseekConfig) -> str:
-    fields = _fields_for_key(key)
-    m = re.match(r"model\.layers\.(\d+)\.", key)
-    if m and int(m.group(1)) >= config.num_hidden_layers:
-        fields = ("num_hidden_layers",)
-    return config_fields(config, fields)
+    """The config.json fields behind ``key`` with their values, e.g. ``n_routed_experts=16, hidden_size=32``."""
+    return config_fields(config, key_fields(key, config))
 
 
 def _searched(ckpt: HFCheckpoint) -> str:
