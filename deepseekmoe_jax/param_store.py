@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.metadata
 import itertools
 import json
 import logging
@@ -147,7 +146,7 @@ class UnsupportedOrbaxError(CheckpointError):
 
 def orbax_version() -> str:
     """The installed orbax-checkpoint release (e.g. ``"0.12.8"``)."""
-    return importlib.metadata.version("orbax-checkpoint")
+    return ocp.__version__
 
 
 def _release(version: str) -> tuple[int, ...] | None:
