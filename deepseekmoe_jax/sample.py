@@ -25,15 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepseekmoe_jax.checkpoint import (
-    CONFIG_FILE,
-    METADATA_FILE,
-    CheckpointError,
-    find_config_dir,
-    load_checkpoint,
-    read_config,
-)
+from deepseekmoe_jax.checkpoint import CONFIG_FILE, METADATA_FILE, find_config_dir, load_checkpoint, read_config
 from deepseekmoe_jax.config import ConfigError, DeepseekConfig
+from deepseekmoe_jax.param_store import CheckpointError
 from deepseekmoe_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer, tokenizer_from_arg
 
 

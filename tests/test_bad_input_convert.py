@@ -24,9 +24,10 @@ from safetensors.torch import load_file, save_file
 from test_convert_helpers import ROOT, finish, start_cli, write_hf_checkpoint, write_tokenizer_files
 
 from deepseekmoe_jax import sample as sample_lib
-from deepseekmoe_jax.checkpoint import leaf_path, save_checkpoint
+from deepseekmoe_jax.checkpoint import save_checkpoint
 from deepseekmoe_jax.cli.convert import main as convert_main
 from deepseekmoe_jax.hf_weights import iter_targets, model_from_hf_state_dict
+from deepseekmoe_jax.param_store import leaf_path
 from deepseekmoe_jax.reference import build_reference, reference_state_dict
 
 # eos/bos ids inside the vocabulary: the test tokenizer (w0, w1, ... <unk>) has none of the usual eos strings, so

@@ -32,9 +32,10 @@ from test_convert_helpers import (
     write_hf_checkpoint,
 )
 
-from deepseekmoe_jax.checkpoint import PARAMS_DIR, load_checkpoint, save_checkpoint, write_config_files
+from deepseekmoe_jax.checkpoint import load_checkpoint, save_checkpoint, write_config_files
 from deepseekmoe_jax.cli.convert import main
 from deepseekmoe_jax.hf_weights import to_hf_state_dict
+from deepseekmoe_jax.param_store import PARAMS_DIR
 from deepseekmoe_jax.reference import build_reference, load_reference_state_dict, reference_logits, reference_state_dict
 
 # name -> (config changes, HF layout, stored dtype)
@@ -193,11 +194,11 @@ def test_large_tensors_stream_in_row_blocks(variants, tmp_path, monkeypatch):
     go through in blocks of rows, both ways, with the same result as whole-tensor conversion."""
     import orbax.checkpoint as ocp
 
-    import deepseekmoe_jax.checkpoint
     import deepseekmoe_jax.convert.common
+    import deepseekmoe_jax.param_store
 
     monkeypatch.setattr(deepseekmoe_jax.convert.common, "BLOCK_BYTES", 1000)
-    monkeypatch.setattr(deepseekmoe_jax.checkpoint, "_CHUNK_TARGET_BYTES", 2000)
+    monkeypatch.setattr(deepseekmoe_jax.param_store, "_CHUNK_TARGET_BYTES", 2000)
     v = variants["moe_shared"]
     blocked = str(tmp_path / "jax")
     assert main(["hf-to-jax", v.hf_dir, blocked, "--no-progress"]) == 0

@@ -14,8 +14,9 @@ from conftest import small_config
 from safetensors.torch import load_file, save_file
 from test_convert_helpers import finish, leftovers, random_model, start_cli, write_hf_checkpoint
 
-from deepseekmoe_jax.checkpoint import ParamsWriter, save_checkpoint
+from deepseekmoe_jax.checkpoint import save_checkpoint
 from deepseekmoe_jax.cli.convert import main
+from deepseekmoe_jax.param_store import ParamsWriter
 from deepseekmoe_jax.reference import build_reference, reference_state_dict
 
 CONFIG = small_config()

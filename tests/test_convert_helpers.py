@@ -150,11 +150,11 @@ def leftovers(parent: str, name: str) -> list[str]:
 def random_model(config: DeepseekConfig, seed: int = 0):
     """A `DeepseekForCausalLM` with N(0, 0.02) weights (norm weights near 1) drawn in numpy: unlike eager NNX
     initialisation, this compiles nothing, which keeps the tests fast."""
-    from deepseekmoe_jax.checkpoint import model_from_params, param_specs
+    from deepseekmoe_jax.param_store import leaf_specs, model_from_params
 
     rng = np.random.default_rng(seed)
     params = {}
-    for path, spec in param_specs(config).items():
+    for path, spec in leaf_specs(config).items():
         value = rng.standard_normal(spec.shape, np.float32) * 0.02
         if any("norm" in p for p in path):
             value = 1.0 + 5 * value

@@ -11,18 +11,13 @@ import math
 import os
 from collections.abc import Callable
 
-from deepseekmoe_jax.checkpoint import (
-    METADATA_FILE,
-    PARAMS_DIR,
-    ParamsReader,
-    find_config_dir,
-    read_config,
-)
+from deepseekmoe_jax.checkpoint import METADATA_FILE, find_config_dir, read_config
 from deepseekmoe_jax.config import DeepseekConfig
 from deepseekmoe_jax.convert.common import ConvertError, human_bytes
 from deepseekmoe_jax.hf_io import HFCheckpoint
 from deepseekmoe_jax.hf_weights import KEY_TABLE
 from deepseekmoe_jax.model import LayerKind, layer_kinds, layer_plan, locate_layer
+from deepseekmoe_jax.param_store import PARAMS_DIR, ParamsReader
 
 # Layer-relative parameter names in the order of the key table (attention, MLP, ...), for readable output.
 _TABLE_ORDER = {rule.path.replace("/", "."): i for i, rule in enumerate(KEY_TABLE)}

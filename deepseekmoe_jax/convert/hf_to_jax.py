@@ -2,7 +2,7 @@
 
 Every tensor is read on its own (`deepseekmoe_jax.hf_io`), mapped through the shared key table
 (`deepseekmoe_jax.hf_weights`: transposes, per-head splits, per-expert and per-layer stacking) and written into
-its slice of the scan-stacked Orbax arrays (`deepseekmoe_jax.checkpoint.ParamsWriter`). Before anything is
+its slice of the scan-stacked Orbax arrays (`deepseekmoe_jax.param_store.ParamsWriter`). Before anything is
 written, the whole checkpoint is checked against config.json: every key consumed exactly once, every parameter
 produced exactly once, every shape and dtype as expected.
 """
@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 import deepseekmoe_jax.convert.common as common
-from deepseekmoe_jax.checkpoint import PARAMS_DIR, ParamsWriter, leaf_path, write_config_files
+from deepseekmoe_jax.checkpoint import write_config_files
 from deepseekmoe_jax.config import ConfigError, DeepseekConfig
 from deepseekmoe_jax.convert.common import (
     ConvertError,
@@ -35,6 +35,7 @@ from deepseekmoe_jax.convert.common import (
 )
 from deepseekmoe_jax.hf_io import HFCheckpoint, iter_file_order, numpy_dtype, unreadable_dtype_error
 from deepseekmoe_jax.hf_weights import KeyTarget, hf_key_shapes, is_ignored_key, iter_targets, key_fields
+from deepseekmoe_jax.param_store import PARAMS_DIR, ParamsWriter, leaf_path
 
 
 @dataclasses.dataclass(frozen=True)

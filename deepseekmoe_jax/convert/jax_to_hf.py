@@ -3,7 +3,7 @@
 The output is the DeepSeekMoE v1 layout (per-expert keys, torch ``[out, in]`` weights) as safetensors shards of at
 most ``max_shard_size`` with ``model.safetensors.index.json`` (one ``model.safetensors`` when everything fits in one
 shard), ``config.json`` with ``model_type: "deepseek"``, and the tokenizer files. Parameters are read one layer
-slice at a time (`deepseekmoe_jax.checkpoint.ParamsReader`), with a bounded read-ahead, and each tensor is appended
+slice at a time (`deepseekmoe_jax.param_store.ParamsReader`), with a bounded read-ahead, and each tensor is appended
 to its shard as soon as it is produced (`deepseekmoe_jax.hf_io.SafetensorsWriter`), so memory does not depend on
 the model's size.
 """
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import deepseekmoe_jax.convert.common as common
-from deepseekmoe_jax.checkpoint import CONFIG_FILE, METADATA_FILE, ParamsReader, find_config_dir, leaf_path, read_config
+from deepseekmoe_jax.checkpoint import CONFIG_FILE, METADATA_FILE, find_config_dir, read_config
 from deepseekmoe_jax.convert.common import (
     SIDE_FILES,
     check_output,
@@ -44,6 +44,7 @@ from deepseekmoe_jax.hf_io import (
     write_index,
 )
 from deepseekmoe_jax.hf_weights import hf_key_shapes, iter_targets
+from deepseekmoe_jax.param_store import ParamsReader, leaf_path
 
 READ_AHEAD_BYTES = 64 * 2**20
 

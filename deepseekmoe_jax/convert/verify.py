@@ -23,19 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepseekmoe_jax.checkpoint import (
-    ParamsReader,
-    find_config_dir,
-    leaf_path,
-    model_from_params,
-    param_specs,
-    read_config,
-)
+from deepseekmoe_jax.checkpoint import find_config_dir, read_config
 from deepseekmoe_jax.config import DeepseekConfig
 from deepseekmoe_jax.convert.common import ConvertError, log
 from deepseekmoe_jax.convert.hf_to_jax import check_against_config, read_hf_config
 from deepseekmoe_jax.hf_io import HFCheckpoint
 from deepseekmoe_jax.hf_weights import iter_targets
+from deepseekmoe_jax.param_store import ParamsReader, leaf_path, leaf_specs, model_from_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +124,7 @@ def _truncated(config: DeepseekConfig, num_layers: int | None) -> DeepseekConfig
 
 def _jax_params(reader: ParamsReader, full: DeepseekConfig, sub: DeepseekConfig, side: _Side) -> dict:
     """The parameters of the truncated model ``sub``, read slice by slice from the full checkpoint."""
-    specs = param_specs(sub)
+    specs = leaf_specs(sub)
     params = {p: np.zeros(s.shape, np.float32) for p, s in specs.items()}
     full_targets = dict(iter_targets(full))
     slab_key, slab = None, None
