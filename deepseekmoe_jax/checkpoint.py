@@ -37,23 +37,9 @@ from deepseekmoe_jax.config import ConfigError, DeepseekConfig, ModelOptions
 from deepseekmoe_jax.distributed import is_main_process, process_count
 from deepseekmoe_jax.fs import make_staging_dir, publish_directory, remove_stale_staging, write_text_atomically
 from deepseekmoe_jax.model import abstract_model
-from deepseekmoe_jax.param_store import (
-    PARAMS_DIR,
-    CheckpointError,
-    ParamsReader,
-    ParamsWriter,  # noqa: F401 (re-exported, see below)
-    leaf_path,  # noqa: F401 (re-exported)
-    leaf_specs,
-    model_from_params,  # noqa: F401 (re-exported)
-    quiet_missing_item_metadata,
-)
+from deepseekmoe_jax.param_store import PARAMS_DIR, CheckpointError, ParamsReader, quiet_missing_item_metadata
 from deepseekmoe_jax.partitioning import rules_for
 from deepseekmoe_jax.sharding import check_mesh_fits, param_shardings
-
-# ParamsWriter, leaf_path, model_from_params and param_specs (the old name of leaf_specs) moved to
-# deepseekmoe_jax.param_store; they stay importable from here until deepseekmoe_jax/convert/* and the tests that
-# use them import them from there.
-param_specs = leaf_specs  # temporary alias
 
 CONFIG_FILE = "config.json"
 METADATA_FILE = "deepseekmoe_jax.json"
