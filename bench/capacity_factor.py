@@ -64,8 +64,8 @@ def run_one(config: str, factor: float | None, steps: int, work_dir: str, overri
     }
     run = load_run_config(config, merged)
     if not os.path.isfile(os.path.join(run.data.path, "dataset.json")):
+        from deepseekmoe_jax.tokenizer import ByteTokenizer
         from deepseekmoe_jax.train.data import prepare, stdlib_sources
-        from deepseekmoe_jax.train.tokenizer import ByteTokenizer
 
         prepare(stdlib_sources(), run.data.path, ByteTokenizer(), val_fraction=0.02, progress=False)
     result = train(run, progress=False, log=lambda m: print(f"  [{name}] {m}", flush=True))
@@ -96,38 +96,30 @@ def interleaved_timing(config: str, factors: list[float | None], rounds: int, wo
     import jax
     import jax.numpy as jnp
 
-    from deepseekmoe_jax import sharding as sh
-    from deepseekmoe_jax.train.loop import build_mesh, initial_params, micro_batch_sharding, plan_state
-    from deepseekmoe_jax.train.step import TrainState, make_train_step
+    from deepseekmoe_jax.partitioning import rules_for, use_mesh
+    from deepseekmoe_jax.train.placement import build_mesh, compile_train_step, micro_batch_sharding
+    from deepseekmoe_jax.train.state import fresh_state, initial_params, plan_state
 
     steps = {}
     for factor in factors:
         run = load_run_config(config, {**overrides, "options.capacity_factor_train": factor, "data.corpus": None})
         mesh = build_mesh(run.mesh)
-        rules = sh.rules_for(run.model)
+        rules = rules_for(run.model)
         layout = plan_state(run, mesh, rules)
         micro = micro_batch_sharding(mesh, rules)
-        with sh.use_mesh(mesh, rules):
-            params = initial_params(run, mesh, rules, lambda _m: None)
-            state = TrainState(
-                jnp.int32(0), params, layout.init_opt(params), jax.random.key_data(jax.random.key(0)), jnp.int32(-1)
-            )
-            fn = jax.jit(
-                make_train_step(layout.build, layout.optimizer, layout.schedule, run.train.loss_chunk_size),
-                in_shardings=(layout.shardings, micro),
-                out_shardings=(layout.shardings, layout.replicated),
-            )
-            shape = (run.train.grad_accum, run.train.micro_batch_size, run.train.seq_len + 1)
-            batch = jax.device_put(jnp.asarray(jax.random.randint(jax.random.key(1), shape, 3, 259)), micro)
-            compiled = fn.lower(state, batch).compile()
-        jax.block_until_ready(compiled(state, batch))  # warm up
-        steps[factor] = (compiled, state, batch)
+        with use_mesh(mesh, rules):
+            state = fresh_state(layout, initial_params(run, mesh, rules, lambda _m: None), seed=0)
+        compiled = compile_train_step(run, layout, mesh, rules)  # the trainer's step; it donates the state
+        shape = (run.train.grad_accum, run.train.micro_batch_size, run.train.seq_len + 1)
+        batch = jax.device_put(jnp.asarray(jax.random.randint(jax.random.key(1), shape, 3, 259)), micro)
+        state, _ = jax.block_until_ready(compiled(state, batch))  # warm up
+        steps[factor] = [compiled, state, batch]
     times = {f: [] for f in factors}
     for _ in range(rounds):
         for f in factors:
             compiled, state, batch = steps[f]
             t = time.perf_counter()
-            jax.block_until_ready(compiled(state, batch))
+            steps[f][1], _ = jax.block_until_ready(compiled(state, batch))
             times[f].append(time.perf_counter() - t)
     return {f: statistics.median(v) for f, v in times.items()}
 

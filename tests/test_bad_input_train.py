@@ -212,6 +212,22 @@ def test_a_damaged_dataset_is_named(cli, capsys, tmp_path, dataset, kind, needle
     assert tree_digest(d) == before
 
 
+@pytest.mark.parametrize("run_dir, existing", [("run", False), ("runs/tiny", False), ("run", True)])
+def test_a_dataset_error_leaves_no_run_directory(cli, capsys, tmp_path, dataset, run_dir, existing):
+    """The run directory is created (and locked) before the data is read; a run refused for its data removes what
+    it created (the lock file and the directories, parents included) and leaves an existing one as it was."""
+    d = tmp_path / "data"
+    shutil.copytree(dataset, d)
+    _damage("missing-bin", d)
+    if existing:
+        (tmp_path / run_dir).mkdir(parents=True)
+    before = tree_digest(tmp_path)
+    argv = ["--set", f"train.run_dir={tmp_path / run_dir}", "--set", "train.compilation_cache=null", "--no-progress"]
+    code, _, err = run(cli, capsys, [*argv, "--data", d])
+    assert_clean_error(code, err, str(d), "train.bin", "found no file")
+    assert tree_digest(tmp_path) == before
+
+
 @pytest.mark.parametrize(
     "name, content, needles",
     [
@@ -407,13 +423,13 @@ def _fake_train(monkeypatch):
     """Replace the training loop by its data loading: what `--data` selects is opened and checked, nothing is
     compiled."""
     import deepseekmoe_jax.train as train_pkg
-    from deepseekmoe_jax.train import loop
+    from deepseekmoe_jax.train import inputs, loop
 
     seen = []
 
     def fake(run_config, progress=True):
         seen.append(run_config)
-        loop.data_sources(run_config, print)
+        inputs.data_sources(run_config, print)
         return loop.TrainResult("completed", run_config.train.run_dir, 0, None, {}, None)
 
     monkeypatch.setattr(train_pkg, "train", fake)

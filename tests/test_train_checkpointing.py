@@ -8,7 +8,7 @@ import pytest
 from deepseekmoe_jax.sharding import make_mesh, replicated
 from deepseekmoe_jax.train import TrainError, run_config_from_dict
 from deepseekmoe_jax.train.checkpointing import CheckpointMismatch, DamagedCheckpoint, RunCheckpointer, state_checksums
-from deepseekmoe_jax.train.loop import check_resume
+from deepseekmoe_jax.train.state import check_resume
 from deepseekmoe_jax.train.step import TrainState
 
 HOST = {"data_position": 24, "tokens_seen": 24 * 16, "seed": 3, "seq_len": 16}

@@ -10,10 +10,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from deepseekmoe_jax import distributed
 from deepseekmoe_jax.sharding import make_mesh
+from deepseekmoe_jax.tokenizer import ByteTokenizer, tokenizer_from_arg
 from deepseekmoe_jax.train import DataError, run_config_from_dict
-from deepseekmoe_jax.train import loop as loop_lib
+from deepseekmoe_jax.train import inputs as inputs_lib
 from deepseekmoe_jax.train.data import BatchSource, TokenDataset, global_batch, prepare
-from deepseekmoe_jax.train.tokenizer import ByteTokenizer, tokenizer_from_arg
 
 BIG_VOCAB = 70_000  # more ids than uint16 can hold
 
@@ -130,7 +130,7 @@ def test_the_training_loop_checks_batches_against_the_model(tampered, tmp_path):
         "train": {"run_dir": str(tmp_path / "run"), "batch_size": 8, "seq_len": 16, "eval_every": -1},
         "data": {"path": str(tampered)},
     }
-    _, train_src, _ = loop_lib.data_sources(run_config_from_dict(raw), lambda _m: None)
+    _, train_src, _ = inputs_lib.data_sources(run_config_from_dict(raw), lambda _m: None)
     with pytest.raises(DataError, match=r"token id 400 at position 70 .* vocab_size=300"):
         for first in range(0, train_src.num_windows, 8):
             train_src.rows(first, 8)
@@ -144,7 +144,7 @@ def small_stdlib(tmp_path, monkeypatch):
     src.mkdir()
     for name in ("a.py", "b.py", "c.py"):
         (src / name).write_text(f"# {name}\n" + "x = 1\n" * 50)
-    monkeypatch.setattr(loop_lib, "stdlib_sources", lambda: sorted(str(p) for p in src.iterdir()))
+    monkeypatch.setattr(inputs_lib, "stdlib_sources", lambda: sorted(str(p) for p in src.iterdir()))
     barriers = []
     monkeypatch.setattr(distributed, "barrier", barriers.append)
     raw = {
@@ -161,12 +161,12 @@ def test_every_process_reaches_the_corpus_barrier(small_stdlib, monkeypatch, pro
     target = f"{run.train.run_dir}/data"
     # First run: only process 0 prepares, and both meet at the barrier.
     monkeypatch.setattr(jax, "process_index", lambda: 0)
-    assert loop_lib.resolve_dataset(run, lambda _m: None).directory == target
+    assert inputs_lib.resolve_dataset(run, lambda _m: None).directory == target
     before = (open(f"{target}/train.bin", "rb").read(), json.load(open(f"{target}/dataset.json")))
     # A later process (or a restart) that finds the finished dataset still meets the others at the same barrier,
     # and nothing is prepared again.
     monkeypatch.setattr(jax, "process_index", lambda: process)
-    assert loop_lib.resolve_dataset(run, lambda _m: None).directory == target
+    assert inputs_lib.resolve_dataset(run, lambda _m: None).directory == target
     assert barriers == ["built-in corpus prepared"] * 2
     assert (open(f"{target}/train.bin", "rb").read(), json.load(open(f"{target}/dataset.json"))) == before
 
@@ -175,7 +175,7 @@ def test_a_process_without_the_prepared_corpus_is_told_why(small_stdlib, monkeyp
     run, barriers = small_stdlib
     monkeypatch.setattr(jax, "process_index", lambda: 1)  # process 1 never prepares; its disk has no dataset
     with pytest.raises(DataError, match=r"no dataset\.json: process 0 could not prepare the built-in corpus"):
-        loop_lib.resolve_dataset(run, lambda _m: None)
+        inputs_lib.resolve_dataset(run, lambda _m: None)
     assert barriers == ["built-in corpus prepared"]
 
 
@@ -185,8 +185,8 @@ def test_a_failed_preparation_is_raised_after_the_barrier(small_stdlib, monkeypa
     def no_sources():
         raise DataError("no Python source files found for the built-in corpus")
 
-    monkeypatch.setattr(loop_lib, "stdlib_sources", no_sources)
+    monkeypatch.setattr(inputs_lib, "stdlib_sources", no_sources)
     monkeypatch.setattr(jax, "process_index", lambda: 0)
     with pytest.raises(DataError, match="no Python source files"):
-        loop_lib.resolve_dataset(run, lambda _m: None)
+        inputs_lib.resolve_dataset(run, lambda _m: None)
     assert barriers == ["built-in corpus prepared"]  # the other processes were not left waiting

@@ -27,11 +27,11 @@ from deepseekmoe_jax.checkpoint import load_checkpoint
 from deepseekmoe_jax.config import ConfigError
 from deepseekmoe_jax.model import moe_layer_indices
 from deepseekmoe_jax.sharding import ShardingError
+from deepseekmoe_jax.tokenizer import ByteTokenizer
 from deepseekmoe_jax.train import DataError, NonFiniteLoss, TrainError, run_config_from_dict, train
 from deepseekmoe_jax.train.data import prepare
-from deepseekmoe_jax.train.loop import enable_compilation_cache
 from deepseekmoe_jax.train.metrics import read_jsonl
-from deepseekmoe_jax.train.tokenizer import ByteTokenizer
+from deepseekmoe_jax.train.placement import enable_compilation_cache
 
 STEPS = 40
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
@@ -400,7 +400,8 @@ def test_fine_tuning_starts_from_the_checkpoint(reference_run, workdir):
     from flax import nnx
 
     from deepseekmoe_jax import sharding as sh
-    from deepseekmoe_jax.train.loop import build_mesh, initial_params
+    from deepseekmoe_jax.train.placement import build_mesh
+    from deepseekmoe_jax.train.state import initial_params
 
     raw, result, _ = reference_run
     root, _ = workdir

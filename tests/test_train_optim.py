@@ -108,7 +108,7 @@ def test_settings_validation(repo_root):
 
 
 def test_a_run_without_a_mesh_section_shards_over_every_device():
-    from deepseekmoe_jax.train.loop import build_mesh
+    from deepseekmoe_jax.train.placement import build_mesh
 
     run = run_config_from_dict({"model": {}})
     mesh = build_mesh(run.mesh)
@@ -125,7 +125,8 @@ def test_fresh_parameters_follow_the_papers_init_std(repo_root):
     """What the trainer initialises (sharded, seed train.seed): every weight matrix is N(0, init_std) with
     init_std = 0.006 from the 16B preset's options, drawn independently; RMSNorm weights start at one."""
     from deepseekmoe_jax import sharding as sh
-    from deepseekmoe_jax.train.loop import build_mesh, initial_params
+    from deepseekmoe_jax.train.placement import build_mesh
+    from deepseekmoe_jax.train.state import initial_params
 
     std = load_run_config(repo_root / "configs" / "deepseekmoe-16b.yaml").model.options.init_std
     assert std == 0.006

@@ -21,11 +21,12 @@ from badinput import assert_clean_error
 from test_train_loop import _write_config, base_config
 
 from deepseekmoe_jax.checkpoint import CheckpointError
+from deepseekmoe_jax.tokenizer import ByteTokenizer
 from deepseekmoe_jax.train import TrainError, run_config_from_dict, train
 from deepseekmoe_jax.train.data import prepare
-from deepseekmoe_jax.train.loop import RunDirLocked, RunLock, enable_compilation_cache
 from deepseekmoe_jax.train.metrics import read_jsonl
-from deepseekmoe_jax.train.tokenizer import ByteTokenizer
+from deepseekmoe_jax.train.placement import enable_compilation_cache
+from deepseekmoe_jax.train.run_dir import RunDirLocked, RunLock
 
 STEPS = 12
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]

@@ -64,7 +64,7 @@ def _pattern_batches(n_steps, batch, seq_len, seed=1):
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """One persistent compilation cache for the training tests of a session (subprocesses included)."""
-    from deepseekmoe_jax.train.loop import enable_compilation_cache
+    from deepseekmoe_jax.train.placement import enable_compilation_cache
 
     path = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
     enable_compilation_cache(path)
@@ -198,7 +198,7 @@ def test_bfloat16_compute_keeps_float32_master_weights(setup):
 
 def test_stop_vote_flags_are_built_once_and_carry_the_request():
     from deepseekmoe_jax.sharding import make_mesh
-    from deepseekmoe_jax.train.loop import StopVote, with_stop_vote
+    from deepseekmoe_jax.train.signals import StopVote, with_stop_vote
 
     mesh = make_mesh(data=2, fsdp=4)
     vote = StopVote(mesh)

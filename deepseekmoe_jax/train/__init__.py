@@ -3,7 +3,9 @@ checkpointing and metrics, and the model-FLOPs count. ``train.py`` at the reposi
 
 from deepseekmoe_jax.train.checkpointing import CheckpointMismatch, DamagedCheckpoint
 from deepseekmoe_jax.train.data import DataError, TokenDataset, prepare
-from deepseekmoe_jax.train.loop import EXIT_TERMINATED, NonFiniteLoss, RunDirLocked, TrainError, TrainResult, train
+from deepseekmoe_jax.train.errors import NonFiniteLoss, TrainError
+from deepseekmoe_jax.train.loop import TrainResult, train
+from deepseekmoe_jax.train.run_dir import RunDirLocked
 from deepseekmoe_jax.train.settings import (
     DataSettings,
     MeshSettings,
@@ -12,6 +14,7 @@ from deepseekmoe_jax.train.settings import (
     load_run_config,
     run_config_from_dict,
 )
+from deepseekmoe_jax.train.signals import EXIT_TERMINATED
 
 __all__ = [
     "EXIT_TERMINATED",

@@ -41,7 +41,7 @@ from deepseekmoe_jax.fs import (
     publish_directory,
     remove_stale_staging,
 )
-from deepseekmoe_jax.train.tokenizer import HFTokenizer, Tokenizer
+from deepseekmoe_jax.tokenizer import HFTokenizer, Tokenizer
 
 DATASET_FILE = "dataset.json"
 FORMAT = "deepseekmoe-jax-tokens"

@@ -18,6 +18,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from deepseekmoe_jax.checkpoint import CheckpointError, read_config
 from deepseekmoe_jax.config import (
     ConfigError,
     DeepseekConfig,
@@ -28,7 +29,7 @@ from deepseekmoe_jax.config import (
     read_config_file,
     setting,
 )
-from deepseekmoe_jax.sharding import DEFAULT_MESH, MESH_AXES
+from deepseekmoe_jax.partitioning import DEFAULT_MESH, MESH_AXES
 
 SCHEDULES = ("step", "cosine", "constant")
 BUILTIN_CORPORA = ("python-stdlib",)
@@ -223,8 +224,6 @@ def run_config_from_dict(raw: Mapping[str, Any], where: str = "config") -> RunCo
 def _fine_tune_config(raw: Mapping[str, Any], init_from: str, where: str) -> DeepseekConfig:
     """The model config of a fine-tuning run: the HF fields of the checkpoint in ``init_from`` (a ``model:``
     section, if present, must agree with them) and its options updated by the ``options:`` section."""
-    from deepseekmoe_jax.checkpoint import CheckpointError, read_config
-
     try:
         base = read_config(init_from)
     except CheckpointError as e:
