@@ -1,17 +1,19 @@
-"""Sharded training steps equal the single-device step, expert bytes are split, and experts move by all-to-all.
+"""The trainer's sharded training step equals its single-device step, expert bytes are split, and experts move by
+all-to-all.
 
-For each mesh the same step (forward in training mode, LM cross-entropy + balance loss, gradients) is compiled with
-the rules' shardings via `sharding.jit_step` and compared with an unsharded `jax.jit` of the same function on one
-device: logits, losses and every gradient, in float32, both with a capacity factor (tokens are dropped) and in
-no-drop mode. Each step is compiled once per module.
+For each mesh the trainer's own step (`make_train_step` over `plan_state`'s layout, compiled by
+`placement.compile_train_step` exactly as `train` compiles it) is compared with an unsharded `jax.jit` of the same
+step on one device: losses, the fraction of dropped assignments, the gradient norm and every gradient, in float32,
+both with a capacity factor (tokens are dropped) and in no-drop mode. The gradients are read from the optimizer
+state after the step: with clipping off, AdamW's first moment after one step is exactly ``(1 - b1) * gradient``.
+The logits are those of the model rebuilt by the layout's `ModelBuilder` from the sharded parameters. Each step is
+compiled once per module.
 """
 
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from conftest import small_config
 from flax import nnx
@@ -19,6 +21,11 @@ from mp_worker import fast_compile
 
 from deepseekmoe_jax import partitioning, sharding
 from deepseekmoe_jax.model import DeepseekForCausalLM, abstract_model
+from deepseekmoe_jax.train.optim import decay_mask, make_optimizer, make_schedule
+from deepseekmoe_jax.train.placement import compile_train_step, micro_batch_sharding
+from deepseekmoe_jax.train.settings import DataSettings, MeshSettings, RunConfig, TrainSettings
+from deepseekmoe_jax.train.state import fresh_state, plan_state
+from deepseekmoe_jax.train.step import ModelBuilder, TrainState, make_train_step
 
 # Faster CPU compilation of the tiny test models; see mp_worker.fast_compile.
 FAST_COMPILE = fast_compile()
@@ -33,6 +40,8 @@ MESHES = {
 MODES = {"capacity": 1.0, "no-drop": None}
 BATCH, SEQ = 8, 16
 RTOL = 1e-5  # float32; atol is RTOL times the largest magnitude of the compared array
+# The metrics of the trainer's step that are compared (the loss, its two parts, the dropped share per MoE layer).
+METRICS = ("lm_loss", "aux_loss", "loss", "dropped_fraction", "grad_norm")
 
 
 def make_config(capacity_factor):
@@ -46,70 +55,113 @@ def make_config(capacity_factor):
     )
 
 
+def make_run(config):
+    # No clipping, so that the optimizer's first moment is the gradient itself (times 1 - b1); loss chunks of 8
+    # positions, so that the chunked cross-entropy runs as a scan.
+    train = TrainSettings(batch_size=BATCH, seq_len=SEQ, grad_clip=0.0, loss_chunk_size=8)
+    return RunConfig(model=config, train=train, data=DataSettings(), mesh=MeshSettings(), raw={})
+
+
 def make_batch(config):
+    """Token windows [micro-batches 1, B, T+1], as the trainer feeds them."""
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, config.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
-    mask = np.ones((BATCH, SEQ), np.int32)
-    mask[2, -6:] = 0  # right padding in two rows: padded tokens take no expert slots and carry no loss
-    mask[5, -3:] = 0
-    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "attention_mask": mask}
+    return rng.integers(0, config.vocab_size, (1, BATCH, SEQ + 1)).astype(np.int32)
 
 
-def make_step(graphdef):
-    def step(params, batch):
-        def loss_fn(params):
-            out = nnx.merge(graphdef, params)(batch["input_ids"], batch["attention_mask"], training=True)
-            weights = batch["attention_mask"].astype(jnp.float32)
-            ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["labels"])
-            lm = jnp.sum(ce * weights) / jnp.sum(weights)
-            aux = {"logits": out.logits, "lm": lm, "aux": out.aux_loss, "dropped": out.moe_metrics.dropped_fraction}
-            return lm + out.aux_loss, aux
+def forward(build):
+    """``(params, tokens [1, B, T+1]) -> logits [B, T, V]`` of the model the step builds, in training mode."""
 
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return grads, {**aux, "loss": loss}
+    def logits(params, tokens):
+        return build(params)(tokens[0, :, :-1], training=True).logits
 
-    return step
+    return logits
+
+
+def gradients(run, opt_state):
+    """The gradient of one step from AdamW's first moment ``mu = (1 - b1) * g`` (one step from zero, no clipping)."""
+    return jax.tree.map(lambda m: np.asarray(m) / np.float32(1 - run.train.b1), first_moment(opt_state))
 
 
 def to_numpy(tree):
     return jax.tree.map(lambda x: np.asarray(x), tree)
 
 
+def flat(tree):
+    """(path, leaf) of each leaf of a nested dict, in key order."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return [(tuple(str(getattr(k, "key", k)) for k in path), leaf) for path, leaf in leaves]
+
+
+def first_moment(opt_state):
+    """AdamW's first moment ``mu`` in an optax state (a pytree like the parameters)."""
+    (adam,) = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")]
+    return adam.mu
+
+
 @pytest.fixture(scope="module")
 def reference():
-    """Per mode: config, initial parameters (host copies) and the unsharded single-device results."""
+    """Per mode: config, initial parameters (a pure dict of host copies) and the unsharded single-device results
+    of the trainer's step: metrics, logits, gradients."""
     out = {}
     config = make_config(None)
-    graphdef, abstract = nnx.split(abstract_model(config))
-    init = jax.jit(lambda: nnx.state(DeepseekForCausalLM(config, rngs=nnx.Rngs(0))), compiler_options=FAST_COMPILE)
-    params = init()
+    init = jax.jit(
+        lambda: nnx.to_pure_dict(nnx.state(DeepseekForCausalLM(config, rngs=nnx.Rngs(0)), nnx.Param)),
+        compiler_options=FAST_COMPILE,
+    )
+    params = to_numpy(init())
     for mode, cf in MODES.items():
         config = make_config(cf)
-        graphdef = nnx.graphdef(abstract_model(config))
+        run = make_run(config)
+        graphdef, abstract_params, _ = nnx.split(abstract_model(config), nnx.Param, ...)
+        build = ModelBuilder(graphdef, abstract_params)
+        optimizer = make_optimizer(run.train, decay_mask(abstract_params))
+        step = make_train_step(build, optimizer, make_schedule(run.train), run.train.loss_chunk_size)
+        state = TrainState(
+            step=np.int32(0),
+            params=params,
+            opt_state=optimizer.init(params),
+            rng=np.asarray(jax.random.key_data(jax.random.key(run.train.seed))),
+            bad_step=np.int32(-1),
+        )
         batch = make_batch(config)
-        grads, aux = jax.jit(make_step(graphdef), compiler_options=FAST_COMPILE)(params, batch)
-        out[mode] = dict(config=config, graphdef=graphdef, batch=batch, grads=to_numpy(grads), aux=to_numpy(aux))
+        new_state, metrics = jax.jit(step, compiler_options=FAST_COMPILE)(state, batch)
+        aux = {**to_numpy(metrics), "logits": np.asarray(jax.jit(forward(build))(params, batch))}
+        out[mode] = dict(config=config, run=run, batch=batch, grads=gradients(run, new_state.opt_state), aux=aux)
     return params, out
 
 
 @pytest.fixture(scope="module")
 def sharded_runs(reference):
-    """Results of the sharded step per (mesh, mode), computed on first use; keeps the compiled executables."""
+    """Results of the trainer's sharded step per (mesh, mode), computed on first use; keeps the compiled
+    executables."""
     params, ref = reference
     cache = {}
 
     def get(mesh_name, mode):
         if (mesh_name, mode) not in cache:
             r = ref[mode]
+            run = r["run"]
             mesh = sharding.make_mesh(**MESHES[mesh_name], config=r["config"])
             rules = partitioning.rules_for(r["config"])
-            shardings = sharding.param_shardings(params, rules, mesh)
-            placed = jax.device_put(params, shardings)
-            step = sharding.jit_step(make_step(r["graphdef"]), mesh, shardings, rules=rules)
-            batch = sharding.shard_batch(r["batch"], mesh, rules)
-            compiled = step.lower(placed, batch).compile(FAST_COMPILE)
-            grads, aux = compiled(placed, batch)
-            cache[mesh_name, mode] = dict(mesh=mesh, params=placed, grads=grads, aux=aux, compiled=compiled)
+            layout = plan_state(run, mesh, rules)
+            micro_sh = micro_batch_sharding(mesh, rules)
+            with partitioning.use_mesh(mesh, rules):
+                state = fresh_state(layout, jax.device_put(params, layout.shardings.params), run.train.seed)
+                logits = jax.jit(
+                    forward(layout.build), in_shardings=(layout.shardings.params, micro_sh), out_shardings=None
+                )(state.params, jax.device_put(r["batch"], micro_sh))
+            compiled = compile_train_step(run, layout, mesh, rules, compiler_options=FAST_COMPILE)
+            new_state, metrics = compiled(state, jax.device_put(r["batch"], micro_sh))  # the state is donated
+            aux = {**to_numpy(metrics), "logits": np.asarray(logits)}
+            cache[mesh_name, mode] = dict(
+                mesh=mesh,
+                params=new_state.params,
+                param_shardings=layout.shardings.params,
+                mu=first_moment(new_state.opt_state),
+                grads=gradients(run, new_state.opt_state),
+                aux=aux,
+                compiled=compiled,
+            )
         return cache[mesh_name, mode]
 
     return get
@@ -127,23 +179,34 @@ def test_sharded_step_equals_single_device(reference, sharded_runs, mesh_name, m
     _, ref = reference
     run = sharded_runs(mesh_name, mode)
     expected = ref[mode]
-    dropped = expected["aux"]["dropped"]
+    dropped = expected["aux"]["dropped_fraction"]
     if mode == "capacity":
         assert dropped.min() > 0, "the capacity factor should drop some assignments in every MoE layer"
     else:
         assert np.all(dropped == 0)
-    aux = to_numpy(run["aux"])
-    for key in ("logits", "lm", "aux", "loss", "dropped"):
-        assert_close(aux[key], expected["aux"][key], f"{mesh_name}/{mode}: {key}")
-    grads = nnx.to_flat_state(run["grads"])
-    ref_grads = nnx.to_flat_state(expected["grads"])
+    for key in ("logits", *METRICS):
+        assert_close(run["aux"][key], expected["aux"][key], f"{mesh_name}/{mode}: {key}")
+    grads, ref_grads = flat(run["grads"]), flat(expected["grads"])
     assert len(grads) == len(ref_grads) > 0
-    params = nnx.to_flat_state(run["params"])
-    for (path, g), (ref_path, g_ref), (_, p) in zip(grads, ref_grads, params, strict=True):
+    params, planned = flat(run["params"]), flat(run["param_shardings"])
+    for (path, g), (ref_path, g_ref), (_, p), (_, want) in zip(grads, ref_grads, params, planned, strict=True):
         assert path == ref_path
-        assert np.abs(g_ref[...]).max() > 0, f"{path}: zero gradient in the reference"
-        assert_close(g[...], g_ref[...], f"{mesh_name}/{mode}: gradient of {'/'.join(map(str, path))}")
-        assert g[...].sharding.is_equivalent_to(p[...].sharding, g[...].ndim)  # gradients keep the params' layout
+        assert np.abs(g_ref).max() > 0, f"{path}: zero gradient in the reference"
+        assert_close(g, g_ref, f"{mesh_name}/{mode}: gradient of {'/'.join(map(str, path))}")
+        assert p.sharding.is_equivalent_to(want, p.ndim)  # the updated parameters keep the params' layout
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="plan_state takes the optimizer-state shardings from XLA's propagation through optimizer.init, which "
+    "replicates AdamW's moments (zeros do not follow their input's sharding) instead of laying them out like the "
+    "parameters",
+)
+@pytest.mark.parametrize("mesh_name", ["data2-expert4", "fsdp2-expert2-tensor2", "expert8"])
+def test_optimizer_moments_are_laid_out_like_the_parameters(sharded_runs, mesh_name):
+    run = sharded_runs(mesh_name, "capacity")
+    for (path, m), (_, p) in zip(flat(run["mu"]), flat(run["params"]), strict=True):
+        assert m.sharding.is_equivalent_to(p.sharding, m.ndim), path
 
 
 @pytest.mark.parametrize("mesh_name, shards", [("data2-expert4", 4), ("fsdp2-expert2-tensor2", 8), ("expert8", 8)])
@@ -170,7 +233,7 @@ def test_create_sharded_model_matches_reference_values(reference):
     born = nnx.state(model)
     expected = sharding.param_shardings(born, partitioning.rules_for(config), mesh)
     for (path, a), (_, b), (_, s) in zip(
-        nnx.to_flat_state(born), nnx.to_flat_state(params), nnx.to_flat_state(expected), strict=True
+        flat(nnx.to_pure_dict(born)), flat(params), flat(nnx.to_pure_dict(expected)), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
         assert a[...].sharding == s, path
