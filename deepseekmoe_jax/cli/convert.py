@@ -180,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
 
-    from deepseekmoe_jax.config import ConfigError
     from deepseekmoe_jax.hf_io import HFCheckpointError, parse_size
     from deepseekmoe_jax.hf_weights import WeightError
     from deepseekmoe_jax.param_store import CheckpointError
     from deepseekmoe_jax.sharding import ShardingError
+    from deepseekmoe_jax.validation import ConfigError
 
     user_errors = (ConvertError, CheckpointError, ConfigError, HFCheckpointError, WeightError, ShardingError)
     try:
