@@ -196,12 +196,6 @@ def test_sharded_step_equals_single_device(reference, sharded_runs, mesh_name, m
         assert p.sharding.is_equivalent_to(want, p.ndim)  # the updated parameters keep the params' layout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plan_state takes the optimizer-state shardings from XLA's propagation through optimizer.init, which "
-    "replicates AdamW's moments (zeros do not follow their input's sharding) instead of laying them out like the "
-    "parameters",
-)
 @pytest.mark.parametrize("mesh_name", ["data2-expert4", "fsdp2-expert2-tensor2", "expert8"])
 def test_optimizer_moments_are_laid_out_like_the_parameters(sharded_runs, mesh_name):
     run = sharded_runs(mesh_name, "capacity")

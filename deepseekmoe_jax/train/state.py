@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
@@ -53,8 +54,8 @@ def _abstract(tree, shardings):
 
 
 def plan_state(run: RunConfig, mesh, rules) -> StateLayout:
-    """Parameter shardings from the logical-axis rules, optimizer-state shardings from XLA's propagation through a
-    compiled ``optimizer.init``; nothing is allocated."""
+    """Parameter shardings from the logical-axis rules; the optimizer state's parameter-shaped trees sharded like
+    the parameters, its scalars replicated; nothing is allocated."""
     graphdef, abstract_params_state, rest = nnx.split(abstract_model(run.model), nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise TrainError("the model holds non-parameter state, which this training loop does not carry")
@@ -62,10 +63,16 @@ def plan_state(run: RunConfig, mesh, rules) -> StateLayout:
     abstract_params = _abstract(nnx.to_pure_dict(abstract_params_state), param_sh)
     optimizer = make_optimizer(run.train, decay_mask(abstract_params_state))
     replicated = sh.replicated(mesh)
+    opt_shapes = jax.eval_shape(optimizer.init, abstract_params)
+    # Every copy of the parameter tree in the optimizer state (AdamW's moments) is laid out like the parameters;
+    # the rest (step counts) is replicated. XLA's own propagation through ``init`` would replicate the moments, as
+    # zeros do not follow their input's sharding.
+    opt_sh = optax.tree_map_params(
+        optimizer, lambda _, s: s, opt_shapes, param_sh, transform_non_params=lambda _: replicated
+    )
     with use_mesh(mesh, rules):
-        init_opt = jax.jit(optimizer.init).lower(abstract_params).compile()
-    opt_sh = init_opt.output_shardings
-    abstract_opt = _abstract(jax.eval_shape(optimizer.init, abstract_params), opt_sh)
+        init_opt = jax.jit(optimizer.init, out_shardings=opt_sh).lower(abstract_params).compile()
+    abstract_opt = _abstract(opt_shapes, opt_sh)
     scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
     return StateLayout(
         build=ModelBuilder(graphdef, abstract_params_state),
