@@ -28,7 +28,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from deepseekmoe_jax.config import parse_value  # noqa: E402
+from deepseekmoe_jax.config_files import parse_value  # noqa: E402
 from deepseekmoe_jax.train import load_run_config, train  # noqa: E402
 from deepseekmoe_jax.train.metrics import read_jsonl  # noqa: E402
 

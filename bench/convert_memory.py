@@ -30,8 +30,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from convert.common import versions_line  # noqa: E402
-from deepseekmoe_jax.config import DeepseekConfig, read_config_file  # noqa: E402
+from deepseekmoe_jax.config import DeepseekConfig  # noqa: E402
+from deepseekmoe_jax.config_files import read_config_file  # noqa: E402
+from deepseekmoe_jax.convert.common import versions_line  # noqa: E402
 from deepseekmoe_jax.hf_io import (  # noqa: E402
     HFCheckpoint,
     PlannedTensor,

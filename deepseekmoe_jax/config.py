@@ -18,17 +18,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-# parse_value and check_section_keys are only re-exported, for modules that still import them from here
-# (train/settings.py, cli/train.py, bench/); their homes are config_files and validation.
-from deepseekmoe_jax.config_files import (
-    apply_overrides,
-    parse_value,  # noqa: F401 (re-exported)
-    read_config_file,
-)
+from deepseekmoe_jax.config_files import apply_overrides, read_config_file
 from deepseekmoe_jax.fs import write_text_atomically
 from deepseekmoe_jax.validation import (
     ConfigError,
-    check_section_keys,  # noqa: F401 (re-exported)
     check_settings,
     setting,
 )

@@ -26,9 +26,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deepseekmoe_jax.model import DeepseekForCausalLM, abstract_model
-
-# DEFAULT_MESH, MESH_AXES, ShardingError, rules_for and use_mesh are also imported from here by code that has not
-# moved to deepseekmoe_jax.partitioning yet (re-exported; they live there).
 from deepseekmoe_jax.partitioning import (
     DEFAULT_MESH,
     MESH_AXES,
@@ -307,6 +304,7 @@ def jit_step(
     state_shardings,
     *,
     rules: Mapping[str, Any] | None = None,
+    batch_shardings: Any = None,
     extra_in_shardings: Sequence[Any] = (),
     out_shardings: Any = None,
     donate_state: bool = False,
@@ -320,6 +318,8 @@ def jit_step(
       mesh: the device mesh.
       state_shardings: shardings of ``state``, usually ``param_shardings(abstract_state, rules, mesh)``.
       rules: the rules table (pass ``rules_for(config)``); also used for the activation constraints in the trace.
+      batch_shardings: shardings of ``batch``; default `batch_sharding` (the leading dimension over the batch
+        axes). The trainer passes its micro-batch layout ``[micro-batches, B, T+1]``.
       extra_in_shardings: shardings of any further positional arguments (e.g. ``replicated(mesh)`` for a key).
       out_shardings: default ``(state_shardings, replicated)``: the new state keeps its layout and the auxiliary
         outputs (loss, metrics) are replicated. Give any sharding pytree for other output structures, e.g.
@@ -328,7 +328,9 @@ def jit_step(
       compiler_options: XLA options for this compilation (`jax.jit`'s ``compiler_options``).
     """
     rules = rules_dict(rules)
-    in_shardings = (state_shardings, batch_sharding(mesh, rules), *extra_in_shardings)
+    if batch_shardings is None:
+        batch_shardings = batch_sharding(mesh, rules)
+    in_shardings = (state_shardings, batch_shardings, *extra_in_shardings)
     if out_shardings is None:
         out_shardings = (state_shardings, replicated(mesh))
     jitted = jax.jit(

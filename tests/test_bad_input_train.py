@@ -16,11 +16,12 @@ import pytest
 from badinput import assert_clean_error, tree_digest
 
 from deepseekmoe_jax import fs
-from deepseekmoe_jax.config import ConfigError, read_config_file
+from deepseekmoe_jax.config_files import read_config_file
 from deepseekmoe_jax.tokenizer import ByteTokenizer
 from deepseekmoe_jax.train import data as data_lib
 from deepseekmoe_jax.train.data import prepare
 from deepseekmoe_jax.train.settings import load_run_config
+from deepseekmoe_jax.validation import ConfigError
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
 

@@ -175,7 +175,7 @@ def model_logits(model, ids, mask=None, mesh=None) -> np.ndarray:
     import jax
     from flax import nnx
 
-    from deepseekmoe_jax.sharding import rules_for, use_mesh
+    from deepseekmoe_jax.partitioning import rules_for, use_mesh
 
     graphdef, state = nnx.split(model)
 

@@ -188,11 +188,6 @@ def check_no_cycles(graph: dict[str, set[Edge]], modules: dict[str, pathlib.Path
         pytest.fail(f"{len(cycles)} import cycle(s):\n{text}", pytrace=False)
 
 
-# Cycles left through files this change did not touch, each closed by one import that must change there. Each is
-# an expected failure of its own below, so that whoever changes the import is told to delete its entry.
-KNOWN_EDGES = {}
-
-
 def test_the_module_list_covers_the_entry_points_and_the_converter():
     modules = project_modules()
     for name in (
@@ -212,28 +207,9 @@ def test_the_module_list_covers_the_entry_points_and_the_converter():
         assert name in modules, name
 
 
-def _without(graph: dict[str, set[Edge]], removed) -> dict[str, set[Edge]]:
-    return {n: {(t, line) for t, line in edges if (n, t) not in removed} for n, edges in graph.items()}
-
-
 def test_no_import_cycles():
     modules = project_modules()
-    check_no_cycles(_without(import_graph(modules), set(KNOWN_EDGES)), modules)
-
-
-@pytest.mark.parametrize(
-    "edge",
-    [
-        pytest.param(edge, id=f"{edge[0]}->{edge[1]}", marks=pytest.mark.xfail(strict=True, reason=reason))
-        for edge, reason in KNOWN_EDGES.items()
-    ],
-)
-def test_known_cycle_is_gone(edge):
-    """Passes (and so, as a strict expected failure, fails the run) once the import is changed: then delete the
-    entry from `KNOWN_EDGES`."""
-    modules = project_modules()
-    graph = import_graph(modules)
-    check_no_cycles(_without(graph, set(KNOWN_EDGES) - {edge}), modules)
+    check_no_cycles(import_graph(modules), modules)
 
 
 def test_the_model_modules_do_not_import_placement():

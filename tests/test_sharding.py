@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from mp_worker import fast_compile
 
 from deepseekmoe_jax import DeepseekConfig, checkpoint, distributed, partitioning, sharding
-from deepseekmoe_jax.config import apply_overrides, read_config_file
+from deepseekmoe_jax.config_files import apply_overrides, read_config_file
 from deepseekmoe_jax.model import abstract_model
 from deepseekmoe_jax.partitioning import ShardingError
 

@@ -26,7 +26,7 @@ import yaml
 from deepseekmoe_jax.checkpoint import load_checkpoint
 from deepseekmoe_jax.config import ConfigError
 from deepseekmoe_jax.model import moe_layer_indices
-from deepseekmoe_jax.sharding import ShardingError
+from deepseekmoe_jax.partitioning import ShardingError
 from deepseekmoe_jax.tokenizer import ByteTokenizer
 from deepseekmoe_jax.train import DataError, NonFiniteLoss, TrainError, run_config_from_dict, train
 from deepseekmoe_jax.train.data import prepare
@@ -399,7 +399,7 @@ def test_cli_reports_bad_input_without_traceback(workdir, tmp_path, repo_root):
 def test_fine_tuning_starts_from_the_checkpoint(reference_run, workdir):
     from flax import nnx
 
-    from deepseekmoe_jax import sharding as sh
+    from deepseekmoe_jax.partitioning import rules_for
     from deepseekmoe_jax.train.placement import build_mesh
     from deepseekmoe_jax.train.state import initial_params
 
@@ -414,7 +414,7 @@ def test_fine_tuning_starts_from_the_checkpoint(reference_run, workdir):
     assert run.model.options.moe_group_size == 16 and run.model.options.capacity_factor_train == 2.0
 
     mesh = build_mesh(run.mesh)
-    params = initial_params(run, mesh, sh.rules_for(run.model), lambda _m: None)
+    params = initial_params(run, mesh, rules_for(run.model), lambda _m: None)
     expected = nnx.to_pure_dict(nnx.state(load_checkpoint(result.checkpoint), nnx.Param))
     flat_got = dict(jax_tree_leaves_with_paths(params))
     flat_want = dict(jax_tree_leaves_with_paths(expected))

@@ -124,7 +124,7 @@ def test_a_run_without_a_mesh_section_shards_over_every_device():
 def test_fresh_parameters_follow_the_papers_init_std(repo_root):
     """What the trainer initialises (sharded, seed train.seed): every weight matrix is N(0, init_std) with
     init_std = 0.006 from the 16B preset's options, drawn independently; RMSNorm weights start at one."""
-    from deepseekmoe_jax import sharding as sh
+    from deepseekmoe_jax.partitioning import rules_for
     from deepseekmoe_jax.train.placement import build_mesh
     from deepseekmoe_jax.train.state import initial_params
 
@@ -133,7 +133,7 @@ def test_fresh_parameters_follow_the_papers_init_std(repo_root):
     small = small_config(bos_token_id=1, eos_token_id=2).to_hf(metadata=False)  # ids inside its vocabulary
     run = run_config_from_dict({"model": small, "options": {"init_std": std}, "mesh": {"data": 8}})
     mesh = build_mesh(run.mesh)
-    params = initial_params(run, mesh, sh.rules_for(run.model), lambda _m: None)
+    params = initial_params(run, mesh, rules_for(run.model), lambda _m: None)
     flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
     norms = {k: v for k, v in flat.items() if k.endswith("layernorm']['weight']") or k == "['model']['norm']['weight']"}

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     from deepseekmoe_jax.hf_io import HFCheckpointError, parse_size
     from deepseekmoe_jax.hf_weights import WeightError
     from deepseekmoe_jax.param_store import CheckpointError
-    from deepseekmoe_jax.sharding import ShardingError
+    from deepseekmoe_jax.partitioning import ShardingError
     from deepseekmoe_jax.validation import ConfigError
 
     user_errors = (ConvertError, CheckpointError, ConfigError, HFCheckpointError, WeightError, ShardingError)

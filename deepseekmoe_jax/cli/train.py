@@ -154,7 +154,7 @@ def run_train(argv, prog: str = DEFAULT_PROG) -> int:
         return 2
     from deepseekmoe_jax.config_files import parse_value
     from deepseekmoe_jax.param_store import CheckpointError
-    from deepseekmoe_jax.sharding import ShardingError
+    from deepseekmoe_jax.partitioning import ShardingError
     from deepseekmoe_jax.tokenizer import TokenizerError
     from deepseekmoe_jax.train import EXIT_TERMINATED, DataError, NonFiniteLoss, TrainError, load_run_config, train
     from deepseekmoe_jax.train.loop import display_path

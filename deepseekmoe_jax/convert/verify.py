@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from deepseekmoe_jax.checkpoint import find_config_dir, read_config
-from deepseekmoe_jax.config import DeepseekConfig
+from deepseekmoe_jax.config import DeepseekConfig, differing_fields
 from deepseekmoe_jax.convert.common import ConvertError, log
 from deepseekmoe_jax.convert.hf_to_jax import check_against_config, read_hf_config
 from deepseekmoe_jax.hf_io import HFCheckpoint
@@ -178,11 +178,11 @@ def verify_parity(
     reader = ParamsReader(jax_dir)
     jax_config = read_config(find_config_dir(os.path.dirname(reader.params_dir)))
     a, b = hf_config.to_hf(metadata=False), jax_config.to_hf(metadata=False)
-    diff = sorted(k for k in a if a[k] != b.get(k))
+    diff = differing_fields(a, b)
     if diff:
-        k = diff[0]
+        k, in_hf, in_jax = diff[0]
         raise ConvertError(
-            f"{hf_dir} and {jax_dir} describe different models: config.json field {k} is {a[k]!r} vs {b.get(k)!r}"
+            f"{hf_dir} and {jax_dir} describe different models: config.json field {k} is {in_hf!r} vs {in_jax!r}"
             f"{f' ({len(diff)} fields differ)' if len(diff) > 1 else ''}"
         )
     reader.check_matches(jax_config)

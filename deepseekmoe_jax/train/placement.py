@@ -13,7 +13,6 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from deepseekmoe_jax import sharding as sh
-from deepseekmoe_jax.partitioning import use_mesh
 from deepseekmoe_jax.train.errors import TrainError
 from deepseekmoe_jax.train.settings import MeshSettings, RunConfig
 from deepseekmoe_jax.train.signals import StopVote, with_stop_vote
@@ -83,12 +82,19 @@ def compile_train_step(
     batch_abstract = jax.ShapeDtypeStruct(
         (s.grad_accum, s.micro_batch_size, s.seq_len + 1), jnp.int32, sharding=micro_sh
     )
-    in_sh, out_sh, args = (layout.shardings, micro_sh), (layout.shardings, layout.replicated), ()
+    extra_sh, out_sh, args = (), (layout.shardings, layout.replicated), ()
     if vote is not None:
         step_body = with_stop_vote(step_body)
-        in_sh, out_sh, args = (*in_sh, vote.sharding), (*out_sh, layout.replicated), (vote.abstract,)
-    step_fn = jax.jit(step_body, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=0)
-    with use_mesh(mesh, rules):
-        return step_fn.lower(layout.abstract, batch_abstract, *args).compile(
-            dict(compiler_options) if compiler_options else None
-        )
+        extra_sh, out_sh, args = (vote.sharding,), (*out_sh, layout.replicated), (vote.abstract,)
+    step_fn = sh.jit_step(
+        step_body,
+        mesh,
+        layout.shardings,
+        rules=rules,
+        batch_shardings=micro_sh,
+        extra_in_shardings=extra_sh,
+        out_shardings=out_sh,
+        donate_state=True,
+        compiler_options=compiler_options,
+    )
+    return step_fn.lower(layout.abstract, batch_abstract, *args).compile()

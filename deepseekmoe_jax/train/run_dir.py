@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 
 from deepseekmoe_jax import distributed
 from deepseekmoe_jax.checkpoint import CONFIG_FILE, read_config, write_config_files
+from deepseekmoe_jax.config import differing_fields, format_changes
 from deepseekmoe_jax.fs import write_text_atomically
 from deepseekmoe_jax.train.checkpointing import CHECKPOINT_DIR, DAMAGED_DIR
 from deepseekmoe_jax.train.data import TokenDataset
@@ -190,11 +191,10 @@ def check_run_dir(run: RunConfig, resuming: bool) -> None:
     if os.path.isfile(cfg_path):
         old = read_config(run_dir).to_hf(metadata=False)
         new = run.model.to_hf(metadata=False)
-        diff = sorted(k for k in new if old.get(k) != new[k])
+        diff = differing_fields(old, new)
         if diff and resuming:
-            details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
             raise TrainError(
-                f"{run_dir} holds checkpoints of a different model ({details}); use another train.run_dir "
+                f"{run_dir} holds checkpoints of a different model ({format_changes(diff)}); use another train.run_dir "
                 "or restore the original model settings to resume"
             )
 

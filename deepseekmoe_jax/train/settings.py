@@ -19,17 +19,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from deepseekmoe_jax.checkpoint import CheckpointError, read_config
-from deepseekmoe_jax.config import (
-    ConfigError,
-    DeepseekConfig,
-    ModelOptions,
-    apply_overrides,
-    check_section_keys,
-    check_settings,
-    read_config_file,
-    setting,
-)
+from deepseekmoe_jax.config import DeepseekConfig, ModelOptions, differing_fields
+from deepseekmoe_jax.config_files import apply_overrides, read_config_file
 from deepseekmoe_jax.partitioning import DEFAULT_MESH, MESH_AXES
+from deepseekmoe_jax.validation import ConfigError, check_section_keys, check_settings, setting
 
 SCHEDULES = ("step", "cosine", "constant")
 BUILTIN_CORPORA = ("python-stdlib",)
@@ -231,9 +224,9 @@ def _fine_tune_config(raw: Mapping[str, Any], init_from: str, where: str) -> Dee
     if raw.get("model") is not None:
         given = DeepseekConfig.from_project_dict(raw, where=where).to_hf(metadata=False)
         have = base.to_hf(metadata=False)
-        diff = sorted(k for k in have if given.get(k) != have[k])
+        diff = differing_fields(given, have)
         if diff:
-            details = ", ".join(f"{k}: config {given.get(k)!r} vs checkpoint {have[k]!r}" for k in diff)
+            details = ", ".join(f"{k}: config {mine!r} vs checkpoint {theirs!r}" for k, mine, theirs in diff)
             raise ConfigError(
                 f"{where}: the 'model' section disagrees with the checkpoint in train.init_from={init_from} "
                 f"({details}); drop the 'model' section to use the checkpoint's"
