@@ -10,8 +10,10 @@ import shutil
 import sys
 from collections.abc import Iterator
 
+import jax
 import numpy as np
 
+import deepseekmoe_jax
 from deepseekmoe_jax.config import DeepseekConfig
 from deepseekmoe_jax.fs import fsync_tree, make_staging_dir, overlapping_input, publish_directory, remove_stale_staging
 
@@ -65,10 +67,6 @@ def limit_heap_growth() -> None:
 
 def versions_line(devices: bool = True) -> str:
     """One line with the versions that matter for reproducing a conversion, and the JAX devices."""
-    import jax
-
-    import deepseekmoe_jax
-
     parts = [
         f"deepseekmoe-jax {deepseekmoe_jax.__version__}",
         f"python {platform.python_version()}",

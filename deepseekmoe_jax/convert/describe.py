@@ -14,6 +14,7 @@ from collections.abc import Callable
 from deepseekmoe_jax.checkpoint import METADATA_FILE, find_config_dir, read_config
 from deepseekmoe_jax.config import DeepseekConfig
 from deepseekmoe_jax.convert.common import ConvertError, human_bytes
+from deepseekmoe_jax.convert.hf_to_jax import check_against_config, read_hf_config
 from deepseekmoe_jax.hf_io import HFCheckpoint
 from deepseekmoe_jax.hf_weights import KEY_TABLE
 from deepseekmoe_jax.model import LayerKind, layer_kinds, layer_plan, locate_layer
@@ -129,8 +130,6 @@ def _segment_text(config: DeepseekConfig) -> list[str]:
 
 
 def _describe_hf(path: str) -> list[str]:
-    from deepseekmoe_jax.convert.hf_to_jax import check_against_config, read_hf_config
-
     config = read_hf_config(path)
     with HFCheckpoint.open(path) as ckpt:
         targets = check_against_config(ckpt, config)

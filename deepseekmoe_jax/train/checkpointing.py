@@ -42,6 +42,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from deepseekmoe_jax.checkpoint import CheckpointError
 from deepseekmoe_jax.train.step import TrainState
@@ -294,9 +296,6 @@ class RunCheckpointer:
     """Save and restore `TrainState` plus host-side state (data position) in ``run_dir/checkpoints``."""
 
     def __init__(self, run_dir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
         _serial_replicas_on_cpu(ocp)
         self.run_dir = os.path.abspath(os.fspath(run_dir))
         self.directory = os.path.join(self.run_dir, CHECKPOINT_DIR)
@@ -317,7 +316,6 @@ class RunCheckpointer:
 
         The checksums of params and opt_state are computed first (on device, one pass) and go into train_state.
         """
-        ocp = self._ocp
         step = int(state.step)
         if step in self.manager.all_steps():
             return False
@@ -355,7 +353,7 @@ class RunCheckpointer:
         from etils import epath
 
         step_dir = self.step_dir(step)
-        handler = self._ocp.StandardCheckpointHandler()
+        handler = ocp.StandardCheckpointHandler()
         for item in ARRAY_ITEMS:
             item_dir = os.path.join(step_dir, item)
             try:
@@ -401,8 +399,6 @@ class RunCheckpointer:
         read by the process owning that shard only), so that all skip or stop together instead of hanging."""
         if jax.process_count() == 1:
             return error
-        from jax.experimental import multihost_utils
-
         failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
         if error is None and failed.any():
             error = DamagedCheckpoint(
@@ -421,7 +417,6 @@ class RunCheckpointer:
         directory. ``check(train_state)`` runs before any array is read (e.g. to refuse other data settings).
         ``meta[CHECKSUMS_KEY]`` is None for a checkpoint saved without checksums (then unverified).
         """
-        ocp = self._ocp
         step_dir = self.step_dir(step)
         error = None
         try:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import numpy as np
 
 from deepseekmoe_jax.fs import (
@@ -310,8 +311,6 @@ def global_batch(source: BatchSource, position: int, shape: tuple[int, int], sha
     Row ``(a, b)`` is sequence ``position + a * B + b``. Built with `jax.make_array_from_callback`, which asks
     this process only for the slices its own devices hold, so each process reads only its share of the data.
     """
-    import jax
-
     a_n, b_n = shape
     t1 = source.seq_len + 1
     cache: dict[tuple, np.ndarray] = {}

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding
 
 from deepseekmoe_jax import sharding as sh
@@ -50,8 +51,6 @@ def check_settings(run: RunConfig, mesh, rules) -> None:
 def enable_compilation_cache(directory: str | os.PathLike) -> None:
     """Use JAX's persistent compilation cache in ``directory`` (compilations over a second are stored, so a
     restarted or repeated run skips them). Takes effect even if this process has compiled before."""
-    from jax.experimental.compilation_cache import compilation_cache
-
     directory = os.path.abspath(os.fspath(directory))
     if jax.config.jax_compilation_cache_dir != directory:
         jax.config.update("jax_compilation_cache_dir", directory)
