@@ -217,6 +217,49 @@ def summarize_storage_error(error: BaseException, step_dir: str) -> str:
     return (f"{prefix}: " if prefix else "") + _one_line(code + reason)
 
 
+_PREVIOUS_UNRAISABLE_HOOK = None
+
+
+def _drop_abandoned_orbax_reads() -> None:
+    """Keep the tracebacks of abandoned Orbax reads off stderr for the rest of the process (installed once).
+
+    A restore that fails on one array leaves the reads of the other arrays as coroutines that raise the same error
+    when they are finalised, which happens only once the failure has been handled, often much later: each then
+    prints "Exception ignored in: <coroutine ...>" with a traceback. The failure itself is reported in one line
+    (`summarize_storage_error`); every other unraisable exception still goes to the previous hook, and asyncio's
+    reports of other tasks are kept.
+    """
+    global _PREVIOUS_UNRAISABLE_HOOK
+    if _PREVIOUS_UNRAISABLE_HOOK is not None:
+        return
+    previous = _PREVIOUS_UNRAISABLE_HOOK = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        obj = unraisable.object
+        code = getattr(obj, "cr_code", None)
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_AbandonedOrbaxTasks())
+
+
+class _AbandonedOrbaxTasks(logging.Filter):
+    """Drops asyncio's "... exception was never retrieved" reports of Orbax's abandoned reads (tasks and gathering
+    futures whose exception was raised in Orbax's code)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "exception was never retrieved" not in record.getMessage():
+            return True
+        tb = record.exc_info[2] if record.exc_info else None
+        while tb is not None:
+            if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return True
+
+
 @contextlib.contextmanager
 def _quiet_failed_reads(settle_s: float = 0.3):
     """Hold back what Orbax's reader threads print while a restore runs; if it fails, drop it.
@@ -296,6 +339,7 @@ class RunCheckpointer:
     """Save and restore `TrainState` plus host-side state (data position) in ``run_dir/checkpoints``."""
 
     def __init__(self, run_dir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        _drop_abandoned_orbax_reads()
         _serial_replicas_on_cpu(ocp)
         self.run_dir = os.path.abspath(os.fspath(run_dir))
         self.directory = os.path.join(self.run_dir, CHECKPOINT_DIR)
