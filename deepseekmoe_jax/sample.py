@@ -12,10 +12,8 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -26,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from deepseekmoe_jax.checkpoint import CONFIG_FILE, METADATA_FILE, find_config_dir, load_checkpoint, read_config
+from deepseekmoe_jax.cli.args import Parser, finite_float
 from deepseekmoe_jax.config import ConfigError, DeepseekConfig
 from deepseekmoe_jax.param_store import CheckpointError
 from deepseekmoe_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer, tokenizer_from_arg
@@ -106,25 +105,6 @@ def check_prompt_ids(ids: Sequence[int], vocab_size: int, tokenizer: Tokenizer) 
             )
 
 
-def _finite_float(text: str) -> float:
-    """argparse type: a finite float (``nan``/``inf`` would make every comparison with the limits meaningless)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors end in one ``error: ...`` line (exit status 2), like every other bad input."""
-
-    def error(self, message: str):
-        self.print_usage(sys.stderr)
-        self.exit(2, f"error: {message}\n")
-
-
 def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
     """logits [V] float32 -> scaled logits with tokens outside top-k / the top-p nucleus set to -inf."""
     logits = logits / temperature
@@ -193,15 +173,15 @@ def generate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(
+    parser = Parser(
         prog="python -m deepseekmoe_jax.sample",
         description="Generate text from a deepseekmoe-jax checkpoint (full re-forward per token; for small models).",
     )
     parser.add_argument("--checkpoint", required=True, help="a checkpoint step directory, model directory or run dir")
     parser.add_argument("--prompt", default="", help="text to continue (default: start from the eos token)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=_finite_float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-p", type=_finite_float, default=0.95, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--temperature", type=finite_float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-p", type=finite_float, default=0.95, help="nucleus sampling mass (1 = off)")
     parser.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens (0 = off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", help="override: 'bytes' or a tokenizer.json path")

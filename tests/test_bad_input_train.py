@@ -455,3 +455,17 @@ def test_validation_is_also_the_python_api(tmp_path):
     path.write_text("model: {vocab_size: 300, eos_token_id: 300}\n")
     with pytest.raises(ConfigError, match=r"'eos_token_id'=300: expected a token id in \[0, vocab_size=300\)"):
         load_run_config(path)
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--steps", "abc"], ["python train.py: argument --steps: invalid int value: 'abc'"]),
+        (["--bogus"], ["unrecognized arguments: --bogus"]),
+        (["prepare", "--input", "x"], ["python train.py prepare:", "--output", "--tokenizer"]),
+    ],
+)
+def test_usage_errors_end_in_one_error_line(cli, capsys, argv, needles):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert_clean_error(exit_info.value.code, capsys.readouterr().err, *needles)

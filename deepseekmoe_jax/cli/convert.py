@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import textwrap
 
+from deepseekmoe_jax.cli.args import Parser, non_negative_float, positive_int
 from deepseekmoe_jax.convert.common import DTYPE_CHOICES, ConvertError, log
 from deepseekmoe_jax.hf_io import DEFAULT_MAX_SHARD_BYTES
 
@@ -26,38 +26,8 @@ EPILOG = textwrap.dedent(
 )
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1 (a count of 0 would make the command do nothing and still pass)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _tolerance(text: str) -> float:
-    """argparse type: a finite number >= 0 (``nan`` would fail every check, ``inf`` pass every one)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors end in one ``error: ...`` line, like every other bad input (exit status 2)."""
-
-    def error(self, message: str):
-        self.print_usage(sys.stderr)
-        self.exit(2, f"error: {self.prog}: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="deepseekmoe-convert",
         description="Convert DeepSeekMoE v1 checkpoints (deepseek-moe-16b-base/-chat and fine-tunes) between "
         "Hugging Face / PyTorch and JAX (Orbax), streaming: peak memory does not grow with the model "
@@ -157,10 +127,12 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("hf_dir", metavar="HF_DIR", help="the original HF checkpoint")
     v.add_argument("jax_dir", metavar="JAX_DIR", help="the converted JAX model directory (or a training step)")
     v.add_argument("--num-layers", type=int, help="check only the first N layers (default: all)")
-    v.add_argument("--batches", type=_positive_int, default=3, help="number of random batches (default 3)")
-    v.add_argument("--batch-size", type=_positive_int, default=2, help="sequences per batch (default 2)")
-    v.add_argument("--seq-len", type=_positive_int, default=32, help="tokens per sequence (default 32)")
-    v.add_argument("--tolerance", type=_tolerance, default=1e-4, help="max allowed relative difference (default 1e-4)")
+    v.add_argument("--batches", type=positive_int, default=3, help="number of random batches (default 3)")
+    v.add_argument("--batch-size", type=positive_int, default=2, help="sequences per batch (default 2)")
+    v.add_argument("--seq-len", type=positive_int, default=32, help="tokens per sequence (default 32)")
+    v.add_argument(
+        "--tolerance", type=non_negative_float, default=1e-4, help="max allowed relative difference (default 1e-4)"
+    )
     v.add_argument("--seed", type=int, default=0)
     return p
 

@@ -17,6 +17,8 @@ import os
 import shlex
 import sys
 
+from deepseekmoe_jax.cli.args import Parser
+
 # The repository's configs/ (a checkout or an editable install); elsewhere configs/tiny.yaml under the working
 # directory.
 _REPO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
@@ -26,7 +28,7 @@ SAMPLE_PROMPT = "def "
 
 
 def _train_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=prog,
         description="Train (or fine-tune) a DeepSeekMoE model. With no arguments: the built-in demo "
         "(configs/tiny.yaml on the Python standard library's source, byte-level tokens, CPU, a few minutes). "
@@ -61,7 +63,7 @@ def _train_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
 
 
 def _prepare_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=f"{prog} prepare",
         description="Tokenize text into a dataset directory: dataset.json + train.bin/val.bin (uint16 or uint32 "
         "token ids, documents separated by the eos id). Plain files are one document each; .jsonl files give one "
