@@ -21,7 +21,7 @@ import torch
 from badinput import assert_clean_error, tree_digest
 from conftest import small_config
 from safetensors.torch import load_file, save_file
-from test_convert_helpers import ROOT, finish, start_cli, write_hf_checkpoint, write_tokenizer_files
+from test_convert_helpers import ROOT, edit_config, finish, start_cli, write_hf_checkpoint, write_tokenizer_files
 
 from deepseekmoe_jax import sample as sample_lib
 from deepseekmoe_jax.checkpoint import save_checkpoint
@@ -58,15 +58,6 @@ def edit_weights(hf_dir: str, edit) -> None:
     tensors = load_file(path)
     edit(tensors)
     save_file(tensors, path, metadata={"format": "pt"})
-
-
-def edit_config(hf_dir: str, **changes) -> None:
-    path = os.path.join(hf_dir, "config.json")
-    with open(path) as f:
-        raw = json.load(f)
-    raw.update(changes)
-    with open(path, "w") as f:
-        json.dump(raw, f)
 
 
 def run_convert(capsys, *argv: str) -> tuple[int, str, str]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import small_config
 from safetensors.torch import load_file, save_file
-from test_convert_helpers import finish, leftovers, random_model, start_cli, write_hf_checkpoint
+from test_convert_helpers import edit_config, finish, leftovers, random_model, start_cli, write_hf_checkpoint
 
 from deepseekmoe_jax.checkpoint import save_checkpoint
 from deepseekmoe_jax.cli.convert import main
@@ -92,15 +92,6 @@ def edit_shard(hf_dir: str, k: int, edit) -> None:
     tensors = load_file(shard(hf_dir, k))
     edit(tensors)
     save_file(tensors, shard(hf_dir, k), metadata={"format": "pt"})
-
-
-def edit_config(hf_dir: str, **changes) -> None:
-    path = os.path.join(hf_dir, "config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    cfg.update(changes)
-    with open(path, "w") as f:
-        json.dump(cfg, f)
 
 
 def key_in_shard(hf_dir: str, k: int, pattern: str = "") -> str:

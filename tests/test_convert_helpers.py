@@ -138,6 +138,16 @@ def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
+def edit_config(directory: str, **changes) -> None:
+    """Set fields of ``directory``'s config.json (as a user editing it by hand would)."""
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        raw = json.load(f)
+    raw.update(changes)
+    with open(path, "w") as f:
+        json.dump(raw, f)
+
+
 def random_ids(vocab: int, batch: int = 2, length: int = 12, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, (batch, length))
 
