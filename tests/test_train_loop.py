@@ -440,9 +440,10 @@ def _converted_checkpoint(config, directory, seed=7):
     import jax.numpy as jnp
     from flax import nnx, traverse_util
 
-    from deepseekmoe_jax import DeepseekForCausalLM, save_checkpoint
+    from deepseekmoe_jax import save_checkpoint
+    from deepseekmoe_jax.model import abstract_model
 
-    abstract = nnx.eval_shape(lambda: DeepseekForCausalLM(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(config)
     graphdef, params_state, rest = nnx.split(abstract, nnx.Param, ...)
     rng = np.random.RandomState(seed)
     flat = {}
