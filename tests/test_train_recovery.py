@@ -155,6 +155,24 @@ def test_resume_skips_a_damaged_newest_checkpoint(kind, reference, tmp_path):
     assert _train_state(run_dir, STEPS) == _train_state(reference[0] / "ref", STEPS)
 
 
+def test_a_save_cut_short_by_a_kill_is_removed_and_named(reference, tmp_path):
+    """A save in progress when the run was killed leaves Orbax's temporary step directory (up to a whole
+    checkpoint): the next run removes it, says so, and resumes from the newest complete checkpoint."""
+    _, _, _, ref_records = reference
+    run_dir = tmp_path / "run"
+    cfg = _interrupted_copy(reference, run_dir)
+    partial = run_dir / "checkpoints" / "12.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(run_dir / "checkpoints" / "8" / "params", partial / "params")
+    lines = []
+    result = train(run_config_from_dict(cfg), progress=False, log=lines.append)
+    assert result.status == "completed" and result.step == STEPS
+    assert any(line.startswith("removed ") and "12.orbax-checkpoint-tmp-1234567" in line for line in lines), lines
+    assert not partial.exists()
+    assert f"resuming from {run_dir / 'checkpoints' / '8'}" in lines
+    got = {r["step"]: r["loss"] for r in read_jsonl(str(run_dir / "metrics.jsonl")) if "loss" in r}
+    assert got == {r["step"]: r["loss"] for r in ref_records if "loss" in r}
+
+
 def test_every_checkpoint_damaged_is_refused(reference, tmp_path):
     run_dir = tmp_path / "run"
     cfg = _interrupted_copy(reference, run_dir, last_step=4)

@@ -343,7 +343,20 @@ class RunCheckpointer:
         _serial_replicas_on_cpu(ocp)
         self.run_dir = os.path.abspath(os.fspath(run_dir))
         self.directory = os.path.join(self.run_dir, CHECKPOINT_DIR)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        # Saves in progress when a run was killed stay behind as ``<step>.orbax-checkpoint-tmp-*`` directories (up to
+        # a whole checkpoint each); the manager removes them when it starts, and `removed_partial_saves` names them.
+        self.removed_partial_saves = (
+            sorted(
+                os.path.join(self.directory, name)
+                for name in os.listdir(self.directory)
+                if ".orbax-checkpoint-tmp" in name and os.path.isdir(os.path.join(self.directory, name))
+            )
+            if os.path.isdir(self.directory)
+            else []
+        )
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

@@ -111,6 +111,8 @@ def _train(run: RunConfig, stop, cleanup: contextlib.ExitStack, *, progress: boo
 
     checkpointer = RunCheckpointer(run_dir, keep=s.keep_checkpoints, async_save=s.async_checkpointing)
     cleanup.callback(checkpointer.close)
+    for partial in checkpointer.removed_partial_saves:
+        say(f"removed {display_path(partial)}: an incomplete checkpoint save left by an interrupted run")
     check_run_dir(run, resuming=bool(checkpointer.all_steps()))  # before anything in the run directory is rewritten
     layout = plan_state(run, mesh, rules)
     with use_mesh(mesh, rules):
