@@ -59,6 +59,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -100,6 +101,16 @@ IMPLS = (
     Impl("transformers DeepseekV2Moe grouped_mm", "torch", experts_impl="grouped_mm", decode=True),
 )
 BASELINE = "transformers DeepseekV2Moe grouped_mm"
+RUN_ORDER = (
+    "torch seed DeepseekMoE",
+    BASELINE,
+    "jax capacity cf=1.5",
+    "jax capacity cf=1.25",
+    "jax dropless",
+    "jax gather",
+    "jax capacity no-drop",
+    "transformers DeepseekV2Moe eager",
+)
 
 
 def dispatch_modes() -> tuple[str, ...] | None:
@@ -109,10 +120,9 @@ def dispatch_modes() -> tuple[str, ...] | None:
     field = ModelOptions.__dataclass_fields__.get("moe_dispatch")
     if field is None:
         return None
-    choices = (field.metadata or {}).get("choices")
-    if choices:
-        return tuple(choices)
-    return None if field.default is dataclasses.MISSING else ("capacity", "dropless", "gather", "auto")
+    check = (field.metadata or {}).get("check")  # deepseekmoe_jax.validation.setting's Check
+    choices = getattr(check, "choices", None)
+    return tuple(choices) if choices else ("capacity", "dropless", "gather", "auto")
 
 
 # ----------------------------------------------------------------------------------------------- the seed algorithm
@@ -589,8 +599,15 @@ def environment(args, setup: Setup) -> str:
         f"python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, "
         f"torch {torch.__version__}, transformers {tv}; layer h={c.hidden_size}, {c.n_routed_experts} experts of "
         f"{c.moe_intermediate_size}, {c.n_shared_experts} shared, top-{c.num_experts_per_tok}, group {GROUP}; "
-        f"moe_dispatch offered: {', '.join(setup.dispatch_modes) if setup.dispatch_modes else 'none (capacity only)'}"
+        f"moe_dispatch offered: {', '.join(setup.dispatch_modes) if setup.dispatch_modes else 'none (capacity only)'}; "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
+
+
+def write_json(args, setup: Setup, rows: list[dict]) -> None:
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"environment": environment(args, setup), "repeats": args.repeats, "rows": rows}, f, indent=1)
 
 
 def main(argv=None) -> int:
@@ -627,19 +644,33 @@ def main(argv=None) -> int:
     runs = [(impl, tokens) for impl in IMPLS if not impl.decode_only or tokens < e]
     if args.decode_tokens:
         runs += [(impl, args.decode_tokens) for impl in IMPLS if impl.decode and args.decode_tokens < e]
+    # Run the cheap rows and the baseline first (a run cut short by `timeout` still has them); print in IMPLS order.
+    order = {name: i for i, name in enumerate(RUN_ORDER)}
+    runs = sorted(runs, key=lambda r: (r[1] != tokens, order[r[0].name]))
     rows = []
-    for impl, n in runs:
-        print(f"{impl.name}, {n} tokens", flush=True)
-        rows.append(run_row(setup, impl, n))
+
+    def stop(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)  # `timeout` ends the run: still print what was measured
+    try:
+        for impl, n in runs:
+            print(f"{impl.name}, {n} tokens", flush=True)
+            rows.append(run_row(setup, impl, n))
+            write_json(args, setup, rows)
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({e or 'SIGINT'}): the rows not measured say so", flush=True)
+        for impl, n in runs[len(rows) :]:
+            rows.append({"name": impl.name, "tokens": n, "fwd": {}, "fwd_bwd": {}, "note": "(not run: interrupted)"})
+    position = {impl.name: i for i, impl in enumerate(IMPLS)}
+    rows.sort(key=lambda r: (r["tokens"] != tokens, position[r["name"]]))
     env = environment(args, setup)
     text = table(rows, args.repeats)
     print()
     print(env)
     print()
     print(text)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"environment": env, "repeats": args.repeats, "rows": rows}, f, indent=1)
+    write_json(args, setup, rows)
     ok = all(math.isfinite(r["diff"]) for r in rows if r.get("diff") is not None)
     return 0 if ok else 1
 
