@@ -628,6 +628,8 @@ def main(argv=None) -> int:
             p.error("--smoke runs on CPU; leave out --device gpu")
         args.device = "cpu"
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # JAX would otherwise take most of the GPU's memory up front and leave little for the PyTorch rows.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
     if args.device is None:
