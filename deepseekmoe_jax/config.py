@@ -45,6 +45,7 @@ _HF_METADATA_KEYS = (
 _DTYPES = ("float32", "bfloat16", "float16")
 _ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe_outputs")
+MOE_DISPATCHES = ("auto", "capacity", "dropless", "gather")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,14 @@ class ModelOptions:
       capacity_factor_eval: the same for evaluation and inference. ``None`` (default) is the exact no-drop mode,
         which is what the PyTorch reference computes.
       min_capacity: lower bound on the per-group slot count per expert.
+      moe_dispatch: how routed tokens reach their experts (`deepseekmoe_jax.moe`). "capacity": the
+        capacity-bucketed one-hot einsum over groups of ``moe_group_size`` tokens (drops assignments beyond the
+        capacity; with a null capacity factor every expert gets a slot for every token of a group: exact but E/k
+        times the routed work). "dropless": exact; the assignments are sorted by expert into buckets whose size
+        is picked at run time from a short ladder of compiled sizes. "gather": exact; gathers the chosen
+        experts' weights per (token, choice), for decode-sized inputs (fewer assignments than experts).
+        "auto" (default): "capacity" when the mode's capacity factor is set, otherwise "gather" when
+        ``tokens * k < n_routed_experts`` and "dropless" else. The exact paths ignore the capacity factor.
       device_balance_alpha: weight of the paper's device-level balance loss (alpha2); 0 disables it.
       device_balance_groups: number of device groups D the routed experts are split into for that loss.
       attention_impl: "xla", "cudnn" (flash attention, GPU with bf16/fp16 only) or "auto" (cuDNN where it applies).
@@ -81,6 +90,7 @@ class ModelOptions:
     capacity_factor_train: float | None = setting(1.5, gt=0, note="null: no-drop mode")
     capacity_factor_eval: float | None = setting(None, gt=0, note="null: no-drop mode")
     min_capacity: int = setting(4, ge=1)
+    moe_dispatch: str = setting("auto", choices=MOE_DISPATCHES)
     device_balance_alpha: float = setting(0.0, ge=0)
     device_balance_groups: int = setting(1, ge=1)
     attention_impl: str = setting("auto", choices=_ATTENTION_IMPLS)

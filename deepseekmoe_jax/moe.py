@@ -187,8 +187,7 @@ class MoEBlock(nnx.Module):
     def __call__(self, x: Array, token_mask: Array | None = None, *, training: bool = False) -> MoEOutput:
         """x [b, t, h]; token_mask [b, t] (nonzero = real token; padding takes no expert slots)."""
         c = self.config
-        b, t, h = x.shape
-        e, k = c.n_routed_experts, c.num_experts_per_tok
+        b, t, _ = x.shape
         routing = self.gate(x)  # [b, t, e], [b, t, k], [b, t, k]
 
         aux = jnp.zeros((), jnp.float32)
@@ -199,43 +198,181 @@ class MoEBlock(nnx.Module):
                 routing.scores, routing.indices, c.options.device_balance_alpha, c.options.device_balance_groups
             )
 
-        s = group_size_for(t, c.options.moe_group_size)
-        t_pad = math.ceil(t / s) * s
         valid = jnp.ones((b, t), bool) if token_mask is None else token_mask.astype(bool)
-        indices, weights, xg = routing.indices, routing.weights, x
-        if t_pad != t:
-            pad = ((0, 0), (0, t_pad - t))
-            valid = jnp.pad(valid, pad)
-            indices = jnp.pad(indices, (*pad, (0, 0)))
-            weights = jnp.pad(weights, (*pad, (0, 0)))
-            xg = jnp.pad(x, (*pad, (0, 0)))
-        g = b * t_pad // s
-        cap = capacity(s, k, e, c.capacity_factor(training), c.options.min_capacity)
-        xg = constrain(xg.reshape(g, s, h), ("act_group", None, "act_embed"))  # [g, s, h]
-        dispatch, combine, assigned, kept = dispatch_tensors(
-            indices.reshape(g, s, k), weights.reshape(g, s, k), valid.reshape(g, s), e, cap, x.dtype
-        )
-
-        # Dispatch and combine run where the groups are (both einsums local); only the expert computation sees the
-        # expert-sharded layout, and moving into and out of it is an all-to-all over the 'expert' mesh axis.
-        # Without the group-layout constraints on x_e / y_e, XLA may all-gather tokens and all-reduce outputs.
-        dt = x.dtype
-        x_e = jnp.einsum("gsec,gsh->egch", dispatch.astype(dt), xg)  # [e, g, c, h]
-        x_e = constrain(x_e, (None, "act_group", "act_capacity", "act_embed"))
-        x_e = constrain(x_e, ("act_expert", "act_expert_group", "act_capacity", "act_embed"))
-        y_e = self.experts(x_e)  # [e, g, c, h]
-        y_e = constrain(y_e, ("act_expert", "act_expert_group", "act_capacity", "act_embed"))
-        y_e = constrain(y_e, (None, "act_group", "act_capacity", "act_embed"))  # back to the groups' layout
-        y = jnp.einsum("gsec,egch->gsh", combine, y_e)  # [g, s, h]
-        y = constrain(y, ("act_group", None, "act_embed"))
-        y = y.reshape(b, t_pad, h)[:, :t]  # [b, t, h]
+        dispatch = DISPATCHES[dispatch_mode(c, b * t, training)]
+        y, stats = dispatch(self.experts, x, routing, valid, c, training)
 
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
 
-        n_assigned = jnp.sum(assigned, dtype=jnp.float32)
+        n_assigned = jnp.sum(stats.assigned)
         metrics = MoEMetrics(
-            dropped_fraction=1.0 - jnp.sum(kept, dtype=jnp.float32) / jnp.maximum(n_assigned, 1.0),
-            expert_load=jnp.sum(assigned, axis=(0, 1), dtype=jnp.float32) / jnp.maximum(n_assigned, 1.0),
+            dropped_fraction=1.0 - stats.kept / jnp.maximum(n_assigned, 1.0),
+            expert_load=stats.assigned / jnp.maximum(n_assigned, 1.0),
         )
         return MoEOutput(y, aux, metrics)
+
+
+# ----------------------------------------------------------------------------------------------- dispatch paths
+class DispatchStats(NamedTuple):
+    """What a dispatch path reports for `MoEMetrics`: ``assigned`` [e] (float32, assignments of real tokens routed
+    to each expert, before dropping) and ``kept`` (float32 scalar, how many of them were computed)."""
+
+    assigned: Array
+    kept: Array
+
+
+def dispatch_mode(config: DeepseekConfig, n_tokens: int, training: bool) -> str:
+    """The dispatch path `MoEBlock` takes for ``n_tokens`` tokens (``b * t``, static): ``options.moe_dispatch``, or
+    for "auto" "capacity" when the mode's capacity factor is set, else "gather" when ``n_tokens * k < e``, else
+    "dropless"."""
+    mode = config.options.moe_dispatch
+    if mode != "auto":
+        return mode
+    if config.capacity_factor(training) is not None:
+        return "capacity"
+    return "gather" if n_tokens * config.num_experts_per_tok < config.n_routed_experts else "dropless"
+
+
+def capacity_dispatch(
+    experts: RoutedExperts, x: Array, routing: Routing, valid: Array, config: DeepseekConfig, training: bool
+) -> tuple[Array, DispatchStats]:
+    """The capacity-bucketed einsum path: x [b, t, h] -> y [b, t, h] (routed experts only). Tokens are cut into
+    groups of ``s``; each expert has ``c`` slots per group (`capacity`); assignments beyond them are dropped."""
+    c = config
+    b, t, h = x.shape
+    e, k = c.n_routed_experts, c.num_experts_per_tok
+    s = group_size_for(t, c.options.moe_group_size)
+    t_pad = math.ceil(t / s) * s
+    indices, weights, xg = routing.indices, routing.weights, x
+    if t_pad != t:
+        pad = ((0, 0), (0, t_pad - t))
+        valid = jnp.pad(valid, pad)
+        indices = jnp.pad(indices, (*pad, (0, 0)))
+        weights = jnp.pad(weights, (*pad, (0, 0)))
+        xg = jnp.pad(x, (*pad, (0, 0)))
+    g = b * t_pad // s
+    cap = capacity(s, k, e, c.capacity_factor(training), c.options.min_capacity)
+    xg = constrain(xg.reshape(g, s, h), ("act_group", None, "act_embed"))  # [g, s, h]
+    dispatch, combine, assigned, kept = dispatch_tensors(
+        indices.reshape(g, s, k), weights.reshape(g, s, k), valid.reshape(g, s), e, cap, x.dtype
+    )
+
+    # Dispatch and combine run where the groups are (both einsums local); only the expert computation sees the
+    # expert-sharded layout, and moving into and out of it is an all-to-all over the 'expert' mesh axis.
+    # Without the group-layout constraints on x_e / y_e, XLA may all-gather tokens and all-reduce outputs.
+    dt = x.dtype
+    x_e = jnp.einsum("gsec,gsh->egch", dispatch.astype(dt), xg)  # [e, g, c, h]
+    x_e = constrain(x_e, (None, "act_group", "act_capacity", "act_embed"))
+    x_e = constrain(x_e, ("act_expert", "act_expert_group", "act_capacity", "act_embed"))
+    y_e = experts(x_e)  # [e, g, c, h]
+    y_e = constrain(y_e, ("act_expert", "act_expert_group", "act_capacity", "act_embed"))
+    y_e = constrain(y_e, (None, "act_group", "act_capacity", "act_embed"))  # back to the groups' layout
+    y = jnp.einsum("gsec,egch->gsh", combine, y_e)  # [g, s, h]
+    y = constrain(y, ("act_group", None, "act_embed"))
+    y = y.reshape(b, t_pad, h)[:, :t]  # [b, t, h]
+    stats = DispatchStats(
+        assigned=jnp.sum(assigned, axis=(0, 1), dtype=jnp.float32), kept=jnp.sum(kept, dtype=jnp.float32)
+    )
+    return y, stats
+
+
+# Bucket sizes of the dropless path, as multiples of the even share ceil(N / e) of the N assignments.
+DROPLESS_LADDER = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
+
+
+def dropless_capacities(n_assign: int, n_tokens: int, n_experts: int) -> tuple[int, ...]:
+    """The compiled bucket sizes of the dropless path, increasing: ``ceil(m * ceil(N / e))`` for the multiples ``m``
+    of `DROPLESS_LADDER`, capped at ``n_tokens`` (an expert is picked at most once per token, so no expert ever
+    has more assignments than there are tokens), which is always the last rung."""
+    base = -(-n_assign // n_experts)
+    rungs = {min(n_tokens, math.ceil(m * base)) for m in DROPLESS_LADDER}
+    return tuple(sorted(rungs | {n_tokens}))
+
+
+def _swiglu_experts(x_ech: Array, w_gate: Array, w_up: Array, w_down: Array) -> Array:
+    """Buckets [e, c, h] through stacked SwiGLU experts (``w_gate``/``w_up`` [e, h, i], ``w_down`` [e, i, h])."""
+    dt = x_ech.dtype
+    gate = jnp.einsum("ech,ehi->eci", x_ech, w_gate.astype(dt))
+    up = jnp.einsum("ech,ehi->eci", x_ech, w_up.astype(dt))
+    act = constrain(jax.nn.silu(gate) * up, ("act_expert", "act_capacity", "act_expert_mlp"))
+    return jnp.einsum("eci,eih->ech", act, w_down.astype(dt))
+
+
+def dropless_dispatch(
+    experts: RoutedExperts, x: Array, routing: Routing, valid: Array, config: DeepseekConfig, training: bool
+) -> tuple[Array, DispatchStats]:
+    """The exact sorted-bucket path: x [b, t, h] -> y [b, t, h] (routed experts only); nothing is dropped.
+
+    The N = b*t*k (token, choice) assignments are stably sorted by expert (padding tokens go to a sentinel expert
+    ``e`` that is never computed), expert ``j``'s assignments fill rows ``0 .. count_j - 1`` of its bucket, and the
+    experts run as batched matmuls over buckets [e, C, h]. C is the smallest rung of `dropless_capacities` that
+    holds the busiest expert, chosen at run time by `jax.lax.switch`, so every rung gives the same result and a
+    balanced load costs about the useful work. Each rung is rematerialised in the backward pass: otherwise the
+    switch would keep the residuals of every rung.
+    """
+    del training
+    b, t, h = x.shape
+    e, k = config.n_routed_experts, config.num_experts_per_tok
+    n_tok, n = b * t, b * t * k
+    x_flat = x.reshape(n_tok, h)  # [b*t, h]
+    expert_of = jnp.where(valid[..., None], routing.indices, e).reshape(n)  # [N]; e = padding
+    weight_of = jnp.where(valid[..., None], routing.weights, 0.0).reshape(n).astype(x.dtype)  # [N]
+    order = jnp.argsort(expert_of, stable=True)  # [N] sorted rank -> assignment
+    counts = jnp.zeros((e + 1,), jnp.int32).at[expert_of].add(1)  # [e + 1]
+    starts = jnp.cumsum(counts) - counts  # [e + 1], first sorted rank of each expert
+    row_sorted = jnp.arange(n, dtype=jnp.int32) - starts[expert_of[order]]  # [N] row of each sorted assignment
+    row_of = jnp.zeros((n,), jnp.int32).at[order].set(row_sorted)  # [N] row of each assignment in its bucket
+    w_gate, w_up, w_down = experts.w_gate[...], experts.w_up[...], experts.w_down[...]
+    rungs = dropless_capacities(n, n_tok, e)
+
+    def run(cap: int):
+        @jax.checkpoint
+        def bucketed(x_flat, weight_of, w_gate, w_up, w_down):
+            slot = starts[:e, None] + jnp.arange(cap, dtype=jnp.int32)  # [e, C] sorted rank held by each slot
+            filled = jnp.arange(cap, dtype=jnp.int32) < counts[:e, None]  # [e, C]
+            token = order[jnp.minimum(slot, n - 1)] // k  # [e, C]
+            x_b = jnp.where(filled[..., None], x_flat[token], 0)  # [e, C, h]
+            x_b = constrain(x_b, ("act_expert", "act_capacity", "act_embed"))
+            y_b = _swiglu_experts(x_b, w_gate, w_up, w_down)  # [e, C, h]
+            y_b = constrain(y_b, ("act_expert", "act_capacity", "act_embed"))
+            # Padding assignments point at the sentinel expert: any real row will do, their weight is 0.
+            y_a = y_b[jnp.minimum(expert_of, e - 1), jnp.minimum(row_of, cap - 1)]  # [N, h]
+            return jnp.einsum("nkh,nk->nh", y_a.reshape(n_tok, k, h), weight_of.reshape(n_tok, k))  # [b*t, h]
+
+        return lambda *operands: bucketed(*operands)
+
+    rung = jnp.searchsorted(jnp.asarray(rungs, jnp.int32), jnp.max(counts[:e]), side="left")
+    operands = (x_flat, weight_of, w_gate, w_up, w_down)
+    if len(rungs) == 1:
+        y = run(rungs[0])(*operands)
+    else:
+        y = jax.lax.switch(jnp.minimum(rung, len(rungs) - 1), [run(r) for r in rungs], *operands)
+    assigned = counts[:e].astype(jnp.float32)
+    return y.reshape(b, t, h), DispatchStats(assigned=assigned, kept=jnp.sum(assigned))
+
+
+def gather_dispatch(
+    experts: RoutedExperts, x: Array, routing: Routing, valid: Array, config: DeepseekConfig, training: bool
+) -> tuple[Array, DispatchStats]:
+    """The exact decode path: x [b, t, h] -> y [b, t, h] (routed experts only). Gathers the chosen experts'
+    kernels per (token, choice), [n, k, h, i] with n = b*t, so a step reads only the ``n * k`` chosen experts'
+    weights; meant for ``n * k < e`` (it materialises ``n * k`` expert kernels)."""
+    del training
+    b, t, h = x.shape
+    e, k = config.n_routed_experts, config.num_experts_per_tok
+    n_tok = b * t
+    dt = x.dtype
+    x_flat = x.reshape(n_tok, h)  # [n, h]
+    idx = routing.indices.reshape(n_tok, k)  # [n, k]
+    w = jnp.where(valid[..., None], routing.weights, 0.0).reshape(n_tok, k).astype(dt)  # [n, k]
+    w_gate = experts.w_gate[...][idx].astype(dt)  # [n, k, h, i]
+    w_up = experts.w_up[...][idx].astype(dt)  # [n, k, h, i]
+    w_down = experts.w_down[...][idx].astype(dt)  # [n, k, i, h]
+    act = jax.nn.silu(jnp.einsum("nh,nkhi->nki", x_flat, w_gate)) * jnp.einsum("nh,nkhi->nki", x_flat, w_up)
+    y = jnp.einsum("nkh,nk->nh", jnp.einsum("nki,nkih->nkh", act, w_down), w)  # [n, h]
+    assigned = jnp.zeros((e,), jnp.float32).at[idx].add(valid.reshape(n_tok, 1).astype(jnp.float32))
+    return y.reshape(b, t, h), DispatchStats(assigned=assigned, kept=jnp.sum(assigned))
+
+
+DISPATCHES = {"capacity": capacity_dispatch, "dropless": dropless_dispatch, "gather": gather_dispatch}
