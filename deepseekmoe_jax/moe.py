@@ -1,15 +1,26 @@
-"""The DeepSeekMoE block: softmax top-k gate, capacity-bucketed einsum dispatch, fused shared experts.
+"""The DeepSeekMoE block: softmax top-k gate, fused shared experts, and three dispatch paths for the routed experts.
 
 Shapes (one letter per dimension in the einsum strings):
   b batch, t sequence, h hidden, e routed experts, k choices per token, g token groups, s tokens per group,
-  c capacity slots per expert and group, i expert width.
+  c capacity slots per expert (and group), i expert width, n tokens (``b * t``), N assignments (``n * k``).
 
-Dispatch: each sequence is cut into groups of ``s`` consecutive tokens. Within a group, expert ``e`` has ``c``
-slots, given out in token order: the token at position ``s`` takes slot ``#(earlier tokens of the group routed to
-e)`` if that is below ``c``, otherwise its assignment is dropped (contributes zero). Because a token picks an expert
-at most once, "priority by position, then by choice rank" reduces to priority by position, and whether a token
-keeps its slot depends only on tokens at or before it: dropping is causal. With ``c = s`` (no-drop mode) nothing
-is ever dropped and the block is exact.
+`MoEBlock` routes (gate, balance losses, expert-load metrics) and hands the (token, choice) assignments to one of
+the paths of `DISPATCHES`, all ``(experts, x [b, t, h], routing, valid [b, t], config, training) -> (y [b, t, h],
+DispatchStats)``; ``options.moe_dispatch`` chooses, "auto" by `dispatch_mode`:
+
+- "capacity" (`capacity_dispatch`, training with a capacity factor): each sequence is cut into groups of ``s``
+  consecutive tokens. Within a group, expert ``e`` has ``c`` slots, given out in token order: the token at
+  position ``s`` takes slot ``#(earlier tokens of the group routed to e)`` if that is below ``c``, otherwise its
+  assignment is dropped (contributes zero). Because a token picks an expert at most once, "priority by position,
+  then by choice rank" reduces to priority by position, and whether a token keeps its slot depends only on tokens
+  at or before it: dropping is causal. One-hot dispatch/combine tensors [g, s, e, c] and expert buckets
+  [e, g, c, h]. With ``c = s`` (capacity factor null) nothing is dropped, at e/k times the routed work.
+- "dropless" (`dropless_dispatch`, no-drop mode): exact. The N assignments are stably sorted by expert and laid
+  into buckets [e, C, h]; C is the smallest of a few compiled sizes (`dropless_capacities`, multiples of
+  ``ceil(N / e)`` up to ``n``) that holds the busiest expert, chosen at run time. Gathers and a weighted sum, no
+  one-hot tensor.
+- "gather" (`gather_dispatch`, no-drop mode with ``N < e``: decode): exact. The chosen experts' kernels are
+  gathered per (token, choice), [n, k, h, i], so a step reads about k/e of the routed-expert weights per token.
 """
 
 from __future__ import annotations
@@ -169,7 +180,7 @@ class MoEOutput(NamedTuple):
 
 
 class MoEBlock(nnx.Module):
-    """Routed experts (capacity-bucketed einsum dispatch) plus the fused shared experts.
+    """Routed experts (dispatched by one of `DISPATCHES`, see the module docstring) plus the fused shared experts.
 
     ``y = sum_j w_j * Expert_{idx_j}(x) + Shared(x)``. The shared experts are one SwiGLU MLP of width
     ``moe_intermediate_size * n_shared_experts`` (absent when that is 0 or None).
