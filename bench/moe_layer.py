@@ -283,28 +283,13 @@ def build_seed(config, weights, torch_dtype, device):
 def build_hf(config, weights, experts_impl, torch_dtype, device):
     """transformers ``DeepseekV2Moe`` for the v1 block, its experts implementation set to ``experts_impl``."""
     import torch
-    from transformers.models.deepseek_v2.configuration_deepseek_v2 import DeepseekV2Config
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
-    from deepseekmoe_jax.reference import load_reference_state_dict
+    from deepseekmoe_jax.reference import load_reference_state_dict, reference_moe_config
 
     if config.norm_topk_prob and config.num_experts_per_tok > 1:
         raise RuntimeError("DeepseekV2Moe does not renormalise its top-k weights (norm_topk_prob is set)")
-    moe_cfg = DeepseekV2Config(
-        hidden_size=config.hidden_size,
-        n_routed_experts=config.n_routed_experts,
-        num_experts_per_tok=config.num_experts_per_tok,
-        moe_intermediate_size=config.moe_intermediate_size,
-        n_shared_experts=config.n_shared_experts or 0,
-        topk_method="greedy",
-        routed_scaling_factor=1.0,
-        n_group=1,
-        topk_group=1,
-        norm_topk_prob=False,
-        hidden_act="silu",
-        mlp_bias=False,
-    )
-    moe_cfg._experts_implementation = experts_impl
+    moe_cfg = reference_moe_config(config, experts_impl)
     holder = torch.nn.Module()  # keys "layer.mlp.*", the layout load_reference_state_dict reads
     holder.layer = torch.nn.Module()
     with torch.device("meta"):

@@ -34,6 +34,30 @@ def _rope_parameters(config: DeepseekConfig) -> dict:
     return {"rope_type": config.rope_type, "factor": float(config.rope_factor), "rope_theta": float(config.rope_theta)}
 
 
+def reference_moe_config(config: DeepseekConfig, experts_implementation: str = "eager"):
+    """The `transformers` ``DeepseekV2Config`` whose ``DeepseekV2Moe`` computes the v1 MoE block of ``config``
+    (softmax gate, greedy top-k, no top-k renormalisation, no routed scaling); ``experts_implementation`` is
+    transformers' choice of expert kernel ("eager": the plain per-expert loop, or "grouped_mm")."""
+    from transformers.models.deepseek_v2.configuration_deepseek_v2 import DeepseekV2Config
+
+    moe_cfg = DeepseekV2Config(
+        hidden_size=config.hidden_size,
+        n_routed_experts=config.n_routed_experts,
+        num_experts_per_tok=config.num_experts_per_tok,
+        moe_intermediate_size=config.moe_intermediate_size,
+        n_shared_experts=config.n_shared_experts or 0,
+        topk_method="greedy",
+        routed_scaling_factor=1.0,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=False,
+        hidden_act="silu",
+        mlp_bias=False,
+    )
+    moe_cfg._experts_implementation = experts_implementation
+    return moe_cfg
+
+
 def build_reference(config: DeepseekConfig, *, seed: int = 0, std: float = 0.02, dtype=None):
     """A random-weight PyTorch model computing DeepSeekMoE v1 for ``config`` (eval mode, eager attention).
 
@@ -41,7 +65,6 @@ def build_reference(config: DeepseekConfig, *, seed: int = 0, std: float = 0.02,
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.deepseek_v2.configuration_deepseek_v2 import DeepseekV2Config
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
     c = config
@@ -68,21 +91,7 @@ def build_reference(config: DeepseekConfig, *, seed: int = 0, std: float = 0.02,
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama)
     if c.is_moe:
-        moe_cfg = DeepseekV2Config(
-            hidden_size=c.hidden_size,
-            n_routed_experts=c.n_routed_experts,
-            num_experts_per_tok=c.num_experts_per_tok,
-            moe_intermediate_size=c.moe_intermediate_size,
-            n_shared_experts=c.n_shared_experts or 0,
-            topk_method="greedy",
-            routed_scaling_factor=1.0,
-            n_group=1,
-            topk_group=1,
-            norm_topk_prob=False,
-            hidden_act="silu",
-            mlp_bias=False,
-        )
-        moe_cfg._experts_implementation = "eager"  # the plain per-expert loop
+        moe_cfg = reference_moe_config(c, "eager")
         for i in range(c.num_hidden_layers):
             if c.is_moe_layer(i):
                 with warnings.catch_warnings():  # a zero-width shared MLP (no shared experts) warns at init
