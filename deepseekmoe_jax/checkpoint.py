@@ -35,7 +35,13 @@ from jax.experimental import multihost_utils
 
 from deepseekmoe_jax.config import ConfigError, DeepseekConfig, ModelOptions
 from deepseekmoe_jax.distributed import is_main_process, process_count
-from deepseekmoe_jax.fs import make_staging_dir, publish_directory, remove_stale_staging, write_text_atomically
+from deepseekmoe_jax.fs import (
+    make_staging_dir,
+    publish_directory,
+    read_json,
+    remove_stale_staging,
+    write_text_atomically,
+)
 from deepseekmoe_jax.model import abstract_model
 from deepseekmoe_jax.param_store import PARAMS_DIR, CheckpointError, ParamsReader, quiet_missing_item_metadata
 from deepseekmoe_jax.partitioning import rules_for
@@ -75,11 +81,7 @@ def read_config(path: str | os.PathLike) -> DeepseekConfig:
     options = None
     meta_path = os.path.join(directory, METADATA_FILE)
     if os.path.isfile(meta_path):
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from None
+        meta = read_json(meta_path, CheckpointError)
         if not isinstance(meta, dict):
             raise CheckpointError(f"{meta_path}: expected a JSON object, found a {type(meta).__name__}")
         try:

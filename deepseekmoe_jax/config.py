@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from deepseekmoe_jax.config_files import apply_overrides, read_config_file
-from deepseekmoe_jax.fs import write_text_atomically
+from deepseekmoe_jax.fs import read_json, write_text_atomically
 from deepseekmoe_jax.validation import (
     ConfigError,
     check_settings,
@@ -446,15 +446,7 @@ class DeepseekConfig:
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             where = path
-            try:
-                with open(path, encoding="utf-8") as f:
-                    source = json.load(f)
-            except FileNotFoundError:
-                raise ConfigError(f"{path}: no such file; a HF checkpoint directory must contain config.json") from None
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
-            except OSError as e:
-                raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+            source = read_json(path, ConfigError, missing="a HF checkpoint directory must contain config.json")
         if not isinstance(source, Mapping):
             raise ConfigError(f"{where}: expected a JSON object of config fields, found a {type(source).__name__}")
         d = dict(source)

@@ -10,6 +10,7 @@ later run can tell a directory left behind by a killed writer (its process is go
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -42,6 +43,30 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def read_json(path: str | os.PathLike, error: type[Exception], *, missing: str = "", damaged: str = ""):
+    """The JSON value in ``path``, or ``error(message)`` naming the path when it is missing (``missing`` says what
+    to do), unreadable, not UTF-8 or not JSON (``damaged`` says what to do). Callers check the value's type."""
+    path = os.fspath(path)
+    fix = f"; {damaged}" if damaged else ""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise error(f"{path}: no such file" + (f"; {missing}" if missing else "")) from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(
+            f"{path}: not valid JSON: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}){fix}"
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e}){fix}") from None
 
 
 def _within(path: str, root: str) -> bool:

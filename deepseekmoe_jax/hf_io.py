@@ -37,6 +37,8 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
+from deepseekmoe_jax.fs import read_json
+
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -517,15 +519,7 @@ class HFCheckpoint:
 
 def _read_index(directory: str, name: str) -> tuple[list[str], dict[str, str]]:
     path = os.path.join(directory, name)
-    try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-    except UnicodeDecodeError:
-        raise HFCheckpointError(f"{path}: not valid UTF-8 text, so not a JSON index; re-download it") from None
-    except json.JSONDecodeError as e:
-        raise HFCheckpointError(f"{path}: not valid JSON ({e}); re-download it") from None
-    except OSError as e:
-        raise HFCheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    index = read_json(path, HFCheckpointError, damaged="re-download it")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise HFCheckpointError(f"{path}: no 'weight_map' object (key -> shard file); re-download it")

@@ -86,3 +86,20 @@ def test_write_text_atomically_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(TypeError):
         fs.write_text_atomically(path, 5)  # not text: the write fails
     assert path.read_text() == "one" and sorted(os.listdir(tmp_path)) == ["f.json"]
+
+
+def test_read_json_names_the_file_and_what_is_wrong(tmp_path):
+    class Oops(ValueError):
+        pass
+
+    path = tmp_path / "meta.json"
+    with pytest.raises(Oops, match=r"meta\.json: no such file; make it first"):
+        fs.read_json(path, Oops, missing="make it first")
+    path.write_bytes(b'{"a": "caf\xe9"}')
+    with pytest.raises(Oops, match=r"meta\.json: not valid JSON: not UTF-8 text \(byte 0xe9 at offset 11\); redo"):
+        fs.read_json(path, Oops, damaged="redo")
+    path.write_text('{"a": ')
+    with pytest.raises(Oops, match=r"meta\.json: not valid JSON \(Expecting value"):
+        fs.read_json(path, Oops)
+    path.write_text('{"a": [1, 2]}')
+    assert fs.read_json(path, Oops) == {"a": [1, 2]}

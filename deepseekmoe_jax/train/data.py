@@ -40,6 +40,7 @@ from deepseekmoe_jax.fs import (
     make_staging_dir,
     overlapping_input,
     publish_directory,
+    read_json,
     remove_stale_staging,
 )
 from deepseekmoe_jax.tokenizer import HFTokenizer, Tokenizer
@@ -132,15 +133,7 @@ TOKEN_DTYPES = ("uint16", "uint32")
 
 def _read_meta(meta_path: str) -> dict[str, Any]:
     """``dataset.json``, checked key by key: each problem is a `DataError` naming the file and the key."""
-    try:
-        with open(meta_path, "rb") as f:
-            meta = json.loads(f.read().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise DataError(f"{meta_path}: not UTF-8 text; the dataset is damaged: prepare it again") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{meta_path}: not valid JSON ({e}); the dataset is damaged: prepare it again") from None
-    except OSError as e:
-        raise DataError(f"{meta_path}: cannot read ({e.strerror or e})") from None
+    meta = read_json(meta_path, DataError, damaged="the dataset is damaged: prepare it again")
     if not isinstance(meta, dict):
         raise DataError(
             f"{meta_path}: expected a JSON object, found a {type(meta).__name__}; the dataset is damaged: prepare it "
