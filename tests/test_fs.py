@@ -96,7 +96,7 @@ def test_read_json_names_the_file_and_what_is_wrong(tmp_path):
     with pytest.raises(Oops, match=r"meta\.json: no such file; make it first"):
         fs.read_json(path, Oops, missing="make it first")
     path.write_bytes(b'{"a": "caf\xe9"}')
-    with pytest.raises(Oops, match=r"meta\.json: not valid JSON: not UTF-8 text \(byte 0xe9 at offset 11\); redo"):
+    with pytest.raises(Oops, match=r"meta\.json: not valid JSON: not UTF-8 text \(byte 0xe9 at offset 10\); redo"):
         fs.read_json(path, Oops, damaged="redo")
     path.write_text('{"a": ')
     with pytest.raises(Oops, match=r"meta\.json: not valid JSON \(Expecting value"):
