@@ -245,13 +245,23 @@ def _drop_abandoned_orbax_reads() -> None:
     logging.getLogger("asyncio").addFilter(_AbandonedOrbaxTasks())
 
 
+# Step directories whose restore failed in this process: late reports of their abandoned reads are dropped.
+_FAILED_RESTORES: set[str] = set()
+
+
 class _AbandonedOrbaxTasks(logging.Filter):
-    """Drops asyncio's "... exception was never retrieved" reports of Orbax's abandoned reads (tasks and gathering
-    futures whose exception was raised in Orbax's code)."""
+    """Drops asyncio's "... exception was never retrieved" reports of Orbax's abandoned reads: tasks and futures
+    whose exception was raised in Orbax's code, or names a step directory whose restore already failed (TensorStore
+    raises from native code, so its futures carry no Python frames)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if "exception was never retrieved" not in record.getMessage():
+        message = record.getMessage()
+        if "exception was never retrieved" not in message:
             return True
+        exc = record.exc_info[1] if record.exc_info else None
+        text = f"{message} {exc}"
+        if any(step_dir in text for step_dir in _FAILED_RESTORES):
+            return False
         tb = record.exc_info[2] if record.exc_info else None
         while tb is not None:
             if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
@@ -497,6 +507,7 @@ class RunCheckpointer:
         except MemoryError:
             raise
         except Exception as e:  # the tree matched, so this is a storage error: missing, truncated, garbled files
+            _FAILED_RESTORES.add(os.path.abspath(step_dir))
             reason = summarize_storage_error(e, step_dir)
             error = DamagedCheckpoint(step_dir, f"cannot read the parameters and optimizer state: {reason}")
             error.__cause__ = e
